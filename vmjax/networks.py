@@ -1,0 +1,149 @@
+"""The VoxelMorph network: a 3-D U-Net that maps a (moving, fixed) pair to a displacement field."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vmjax import checks
+from vmjax import transforms
+
+VM1_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 8, 8))
+VM2_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
+VARIANTS = {"vm1": VM1_FEATURES, "vm2": VM2_FEATURES}
+
+
+def _conv(features: int, stride: int, dtype: Any, name: str, **kwargs) -> nn.Conv:
+  # Explicit padding 1 (as VoxelMorph's PyTorch code): a stride-2 conv is centred on even voxels.
+  return nn.Conv(features, (3, 3, 3), strides=(stride,) * 3, padding=((1, 1),) * 3,
+                 dtype=dtype, name=name, **kwargs)
+
+
+def _upsample2(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling of ``(B, D, H, W, C)``."""
+  for axis in (1, 2, 3):
+    x = jnp.repeat(x, 2, axis=axis)
+  return x
+
+
+class Unet(nn.Module):
+  """VoxelMorph's U-Net (Balakrishnan et al. 2019, fig. 3).
+
+  Encoder: one stride-2 3x3x3 conv + LeakyReLU(0.2) per entry of ``enc_features``. Decoder: for
+  each encoder level (coarsest first) a 3x3x3 conv, x2 nearest upsampling and concatenation with
+  the encoder activation of that resolution (the input itself at full resolution); the remaining
+  ``dec_features`` are convs at full resolution.
+
+  Input ``(B, D, H, W, C)``, every spatial size divisible by ``2**len(enc_features)``;
+  output ``(B, D, H, W, dec_features[-1])``.
+  """
+  enc_features: Sequence[int] = VM2_FEATURES[0]
+  dec_features: Sequence[int] = VM2_FEATURES[1]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    levels = len(self.enc_features)
+    if len(self.dec_features) < levels:
+      raise ValueError(f"dec_features {tuple(self.dec_features)} needs at least "
+                       f"len(enc_features)={levels} entries")
+    skips = [x]
+    for i, features in enumerate(self.enc_features):
+      x = nn.leaky_relu(_conv(features, 2, self.dtype, f"enc_{i}")(x), 0.2)
+      skips.append(x)
+    skips.pop()  # the coarsest activation feeds the decoder directly
+    for i, features in enumerate(self.dec_features[:levels]):
+      x = nn.leaky_relu(_conv(features, 1, self.dtype, f"dec_{i}")(x), 0.2)
+      x = jnp.concatenate([_upsample2(x), skips.pop().astype(x.dtype)], axis=-1)
+    for i, features in enumerate(self.dec_features[levels:]):
+      x = nn.leaky_relu(_conv(features, 1, self.dtype, f"full_{i}")(x), 0.2)
+    return x
+
+
+class VxmDense(nn.Module):
+  """VoxelMorph dense registration network.
+
+  ``apply(variables, moving, fixed) -> disp``: moving and fixed ``(B, D, H, W, C)`` (spatial
+  sizes divisible by ``2**len(enc_features)``) to a displacement ``(B, D, H, W, 3)`` in voxels,
+  such that ``warp(moving, disp)`` matches ``fixed``.
+
+  Attributes:
+    enc_features, dec_features: U-Net widths; defaults are VM-2 (301,411 parameters),
+      ``VM1_FEATURES`` gives VM-1. See also :func:`vxm_dense`.
+    int_steps: 0 predicts the displacement directly; > 0 predicts a stationary velocity that is
+      integrated by scaling and squaring with this many steps (diffeomorphic VoxelMorph).
+    int_downsize: with ``int_steps > 0``, integrate at ``1/int_downsize`` resolution and resize
+      the result back (VoxelMorph's default 2).
+    dtype: computation dtype of the convolutions (parameters stay float32).
+  """
+  enc_features: Sequence[int] = VM2_FEATURES[0]
+  dec_features: Sequence[int] = VM2_FEATURES[1]
+  int_steps: int = 0
+  int_downsize: int = 2
+  dtype: Any = jnp.float32
+
+  @property
+  def levels(self) -> int:
+    return len(self.enc_features)
+
+  def __call__(self, moving: jax.Array, fixed: jax.Array, bidir: bool = False):
+    """Returns ``disp``, or ``(disp, inverse_disp)`` when ``bidir`` (see :meth:`fields`)."""
+    out = self.fields(moving, fixed, bidir)
+    return (out["disp"], out["inverse"]) if bidir else out["disp"]
+
+  @nn.compact
+  def fields(self, moving: jax.Array, fixed: jax.Array, bidir: bool = False) -> dict:
+    """All fields of one forward pass, for losses that need more than the displacement.
+
+    Returns a dict with ``"disp"`` ``(B, D, H, W, 3)``; ``"velocity"``, the field the network
+    predicts before integration (VoxelMorph regularises this one; at ``1/int_downsize``
+    resolution in diffeomorphic mode, else equal to ``disp``); with ``bidir``, ``"inverse"``:
+    the integral of ``-velocity`` (diffeomorphic) or ``-disp``.
+    """
+    checks.check_pair(moving, fixed, levels=self.levels, check_finite=False)
+    x = jnp.concatenate([moving, fixed], axis=-1).astype(self.dtype)
+    x = Unet(self.enc_features, self.dec_features, self.dtype, name="unet")(x)
+    flow = nn.Conv(3, (3, 3, 3), padding=((1, 1),) * 3, dtype=self.dtype, name="flow",
+                   kernel_init=nn.initializers.normal(1e-5),
+                   bias_init=nn.initializers.zeros)(x).astype(jnp.float32)
+    if self.int_steps == 0:
+      out = {"disp": flow, "velocity": flow}
+      if bidir:
+        out["inverse"] = -flow
+      return out
+    full_shape = flow.shape[1:4]
+    velocity = flow
+    if self.int_downsize > 1:
+      velocity = transforms.resize_field(
+          flow, tuple(n // self.int_downsize for n in full_shape))
+
+    def integrate(v):
+      return transforms.resize_field(transforms.integrate_velocity(v, self.int_steps),
+                                     full_shape)
+
+    out = {"disp": integrate(velocity), "velocity": velocity}
+    if bidir:
+      out["inverse"] = integrate(-velocity)
+    return out
+
+
+def vxm_dense(variant: str = "vm2", **kwargs) -> VxmDense:
+  """``VxmDense`` with the paper's feature widths: ``variant`` is ``"vm1"`` or ``"vm2"``."""
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+  enc, dec = VARIANTS[variant]
+  return VxmDense(enc_features=enc, dec_features=dec, **kwargs)
+
+
+def init_variables(model: VxmDense, rng: jax.Array, spatial_shape, channels: int = 1):
+  """Initialises ``model`` for volumes of ``spatial_shape`` with ``channels`` channels each."""
+  dummy = jnp.zeros((1, *spatial_shape, channels), jnp.float32)
+  return jax.jit(model.init)(rng, dummy, dummy)
+
+
+def count_params(tree) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,314 @@
+"""Training: train state, the pmapped train step, evaluation, and the training loop.
+
+Layout follows flax's ``examples/imagenet``: ``create_train_state``, ``train_step`` (pmapped,
+gradients and metrics averaged with ``lax.pmean`` over the device axis), ``train_and_evaluate``.
+Everything is read from an ``ml_collections`` config (``configs/default.py`` documents it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax.jax_utils
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vmjax import augment
+from vmjax import checkpoints
+from vmjax import data as data_lib
+from vmjax import losses
+from vmjax import metrics as metrics_lib
+from vmjax import networks
+from vmjax import summaries
+from vmjax import transforms
+
+AXIS = "devices"
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus the base PRNG key (per-step keys are folded in from the step)."""
+  rng: jax.Array
+
+
+def model_from_config(model_cfg) -> networks.VxmDense:
+  """``VxmDense`` from ``config.model`` (``variant`` preset unless features are given)."""
+  enc, dec = networks.VARIANTS[model_cfg.variant] if model_cfg.variant else ((), ())
+  enc = tuple(model_cfg.get("enc_features") or enc)
+  dec = tuple(model_cfg.get("dec_features") or dec)
+  if not enc or not dec:
+    raise ValueError("config.model: set variant ('vm1'/'vm2') or enc_features and dec_features")
+  return networks.VxmDense(enc_features=enc, dec_features=dec, int_steps=model_cfg.int_steps,
+                           int_downsize=model_cfg.int_downsize)
+
+
+def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+  """Adam (VoxelMorph: lr 1e-4), optionally with global-norm gradient clipping."""
+  adam = optax.adam(opt_cfg.learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2)
+  if opt_cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), adam)
+  return adam
+
+
+def create_train_state(config, rng: jax.Array, spatial_shape) -> TrainState:
+  """Initialises the model for ``spatial_shape`` volumes and the optimizer."""
+  model = model_from_config(config.model)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = networks.init_variables(model, init_rng, spatial_shape)
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                            tx=make_optimizer(config.optimizer), rng=state_rng)
+  # A typed step counter: a Python int would change type after the first step and recompile.
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def _image_loss(loss_cfg) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  if loss_cfg.image == "ncc":
+    return functools.partial(losses.ncc_loss, window=loss_cfg.window)
+  if loss_cfg.image == "mse":
+    return losses.mse_loss
+  raise ValueError(f"config.loss.image must be 'ncc' or 'mse', got {loss_cfg.image!r}")
+
+
+def one_hot_labels(seg: jax.Array, labels) -> jax.Array:
+  """``(B, D, H, W, 1)`` int label map to ``(B, D, H, W, L)`` float one-hot over ``labels``."""
+  return (seg == jnp.asarray(labels, seg.dtype)).astype(jnp.float32)
+
+
+def compute_loss(params, model: networks.VxmDense, batch: dict, loss_cfg,
+                 seg_labels=()) -> tuple[jax.Array, dict]:
+  """The VoxelMorph objective for one batch.
+
+  ``sim(fixed, moving∘φ) [+ sim(moving, fixed∘φ⁻¹), each weighted 1/2 when bidirectional]
+  + lam · grad_loss(velocity) [+ seg_weight · soft_dice_loss(moving_seg∘φ, fixed_seg)]``.
+
+  Args:
+    batch: ``moving``, ``fixed`` ``(B, D, H, W, 1)``; with ``seg_weight > 0`` also
+      ``moving_seg``, ``fixed_seg`` int ``(B, D, H, W, 1)``.
+    seg_labels: the labels of the auxiliary Dice loss.
+
+  Returns:
+    ``(loss, metrics)``.
+  """
+  sim = _image_loss(loss_cfg)
+  moving, fixed = batch["moving"], batch["fixed"]
+  fields = model.apply({"params": params}, moving, fixed, bidir=loss_cfg.bidir,
+                       method=networks.VxmDense.fields)
+  disp = fields["disp"]
+  image_term = sim(fixed, transforms.warp(moving, disp))
+  if loss_cfg.bidir:
+    image_term = 0.5 * image_term + 0.5 * sim(moving, transforms.warp(fixed, fields["inverse"]))
+  smooth_term = losses.grad_loss(fields["velocity"])
+  loss = image_term + loss_cfg.lam * smooth_term
+  out = {"image": image_term, "smooth": smooth_term}
+  if loss_cfg.seg_weight > 0:
+    if "moving_seg" not in batch or not len(seg_labels):
+      raise ValueError("config.loss.seg_weight > 0 needs labelled data and config.data.labels")
+    moved_seg = transforms.warp(one_hot_labels(batch["moving_seg"], seg_labels), disp)
+    seg_term = losses.soft_dice_loss(moved_seg, one_hot_labels(batch["fixed_seg"], seg_labels))
+    loss = loss + loss_cfg.seg_weight * seg_term
+    out["seg"] = seg_term
+  out["loss"] = loss
+  return loss, out
+
+
+def augment_batch(rng: jax.Array, batch: dict, aug_cfg) -> dict:
+  """Augments the moving image (and the fixed one if ``aug_cfg.fixed``) with its labels."""
+  batch = dict(batch)
+  names = ("moving", "fixed") if aug_cfg.fixed else ("moving",)
+  for key, name in zip(jax.random.split(rng, len(names)), names):
+    batch[name], seg = augment.augment_volume(key, batch[name], batch.get(f"{name}_seg"),
+                                              aug_cfg)
+    if seg is not None:
+      batch[f"{name}_seg"] = seg
+  return batch
+
+
+def _augmentation_enabled(aug_cfg) -> bool:
+  return any(aug_cfg[k] > 0 for k in ("deform_std", "gamma_std", "bias_std", "noise_std"))
+
+
+def make_train_step(config, seg_labels=(), axis_name: str | None = AXIS):
+  """``train_step(state, batch) -> (state, metrics)``.
+
+  With ``axis_name`` (inside ``jax.pmap``) gradients and metrics are averaged over devices with
+  ``lax.pmean``, so N devices with a batch each update like one device with N batches.
+  """
+  model = model_from_config(config.model)
+  loss_cfg, aug_cfg = config.loss, config.augment
+  augmenting = _augmentation_enabled(aug_cfg)
+  seg_labels = tuple(seg_labels)
+
+  def train_step(state: TrainState, batch: dict):
+    if augmenting:
+      rng = jax.random.fold_in(state.rng, state.step)
+      if axis_name is not None:
+        rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+      batch = augment_batch(rng, batch, aug_cfg)
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, model, batch, loss_cfg, seg_labels)
+    if axis_name is not None:
+      grads = lax.pmean(grads, axis_name)
+      metrics = lax.pmean(metrics, axis_name)
+    return state.apply_gradients(grads=grads), metrics
+
+  return train_step
+
+
+def make_eval_step(config, labels):
+  """``eval_step(params, moving, fixed, moving_seg, fixed_seg) -> metrics`` (jitted, one pair
+  batch): image loss, folding fraction, and per-label Dice before and after registration."""
+  model = model_from_config(config.model)
+  sim = _image_loss(config.loss)
+  labels = tuple(labels)
+
+  @jax.jit
+  def eval_step(params, moving, fixed, moving_seg, fixed_seg):
+    disp = model.apply({"params": params}, moving, fixed)
+    out = {"image": sim(fixed, transforms.warp(moving, disp)),
+           "folding": metrics_lib.folding_fraction(disp)[0]}
+    if labels:
+      moved_seg = transforms.warp(moving_seg, disp, order=0)
+      out["dice"] = metrics_lib.dice(moved_seg, fixed_seg, labels)[0]
+      out["dice_before"] = metrics_lib.dice(moving_seg, fixed_seg, labels)[0]
+    return out
+
+  return eval_step
+
+
+def evaluate(eval_step, params, pairs, labels) -> dict:
+  """Mean metrics over validation pairs ``[(moving Volume, fixed Volume), ...]``."""
+  results = []
+  for moving, fixed in pairs:
+    expand = lambda a: jnp.asarray(a)[None, ..., None]
+    has_seg = labels and moving.seg is not None and fixed.seg is not None
+    zeros = jnp.zeros((1, *moving.image.shape, 1), jnp.int32)
+    out = eval_step(params, expand(moving.image), expand(fixed.image),
+                    expand(moving.seg) if has_seg else zeros,
+                    expand(fixed.seg) if has_seg else zeros)
+    results.append(jax.device_get(out))
+  summary = {"image": float(np.mean([r["image"] for r in results])),
+             "folding": float(np.mean([r["folding"] for r in results]))}
+  if labels and "dice" in results[0]:
+    summary["dice"] = float(np.nanmean([r["dice"] for r in results]))
+    summary["dice_before"] = float(np.nanmean([r["dice_before"] for r in results]))
+  return summary
+
+
+class _Preemption:
+  """Sets a flag on SIGTERM so the loop can write a checkpoint before exiting."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: writing a checkpoint, then stopping")
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from ``workdir/checkpoints`` if there is one) and evaluates.
+
+  Returns:
+    the last validation summary (empty if there is no validation data).
+  """
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+  process, processes = jax.process_index(), jax.process_count()
+  local_devices, devices = jax.local_device_count(), jax.device_count()
+  os.makedirs(workdir, exist_ok=True)
+
+  dataset = data_lib.build(config, shard=(process, processes))
+  spatial_shape = dataset.spatial_shape
+  per_device = config.per_device_batch_size
+  logging.info("devices: %d (%d local, process %d of %d); global batch %d = %d per device x %d "
+               "devices; volumes %s; %d training subjects on this process",
+               devices, local_devices, process, processes, per_device * devices, per_device,
+               devices, spatial_shape, len(dataset.sampler.subjects))
+
+  state = create_train_state(config, jax.random.PRNGKey(config.seed), spatial_shape)
+  manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"), config)
+  state, meta = manager.restore_latest(state)
+  start = int(state.step)
+  if meta is not None:
+    logging.info("resumed from checkpoint at step %d (data position %d)", start,
+                 meta.get("data_position", start))
+  else:
+    logging.info("no checkpoint in %s: starting from step 0", manager.directory)
+
+  p_step = jax.pmap(make_train_step(config, dataset.labels), axis_name=AXIS,
+                    donate_argnums=(0,))
+  eval_step = make_eval_step(config, dataset.labels)
+  # Through an identity pmap so the state already has the sharding p_step returns (else the
+  # second step compiles p_step again).
+  p_state = jax.pmap(lambda s: s, axis_name=AXIS)(flax.jax_utils.replicate(state))
+  writer = summaries.MetricWriter(workdir, enabled=process == 0)
+  preemption = _Preemption()
+  num_steps = config.num_steps
+  summary: dict[str, Any] = {}
+
+  def unreplicate(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+  def save(step):
+    manager.save(step, jax.device_get(unreplicate(p_state)), data_position=step)
+
+  tick, tick_step = time.time(), start
+  try:
+    for step in range(start, num_steps):
+      batch = dataset.sampler.batch(step, local_devices, per_device)
+      p_state, step_metrics = p_step(p_state, batch)
+      done = step + 1
+      if done % config.log_every == 0 or done == num_steps:
+        step_metrics = {k: float(v) for k, v in jax.device_get(unreplicate(step_metrics)).items()}
+        now = time.time()
+        steps_per_s = (done - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, done
+        rates = {"steps_per_s": steps_per_s, "pairs_per_s": steps_per_s * per_device * devices}
+        logging.info("step %d/%d  %s  %.3f steps/s  %.2f pairs/s  ETA %s", done, num_steps,
+                     "  ".join(f"{k}={v:.5f}" for k, v in step_metrics.items()),
+                     rates["steps_per_s"], rates["pairs_per_s"],
+                     _format_eta((num_steps - done) / max(steps_per_s, 1e-9)))
+        writer.write(done, {**{f"train/{k}": v for k, v in step_metrics.items()}, **rates})
+      if dataset.val_pairs and (done % config.eval_every == 0 or done == num_steps):
+        summary = evaluate(eval_step, unreplicate(p_state.params), dataset.val_pairs,
+                           dataset.labels)
+        logging.info("validation at step %d: %s", done,
+                     "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+        writer.write(done, {f"val/{k}": v for k, v in summary.items()})
+      if done % config.checkpoint_every == 0 or done == num_steps or preemption.requested:
+        save(done)
+      if preemption.requested:
+        logging.warning("stopped at step %d after SIGTERM; checkpoint written", done)
+        break
+  finally:
+    manager.wait_until_finished()
+    writer.close()
+    preemption.restore()
+  if summary and "dice" in summary:
+    logging.info("validation Dice before registration %.4f -> after %.4f (%d pairs)",
+                 summary["dice_before"], summary["dice"], len(dataset.val_pairs))
+  logging.info("checkpoints in %s (latest step %s)", manager.directory, manager.latest_step())
+  return summary
