@@ -39,7 +39,7 @@ def get_config(arg=None):
 
   config.data = ml_collections.ConfigDict()
   config.data.mode = "atlas"          # "atlas": subject -> atlas; "pairs": subject -> subject
-  config.data.train = ""              # glob, directory, .txt list, or a list of them
+  config.data.train = ""              # glob, directory, .txt list; several: comma-separated
   config.data.atlas = ""              # the fixed image in atlas mode
   config.data.val = ""                # validation subjects (Dice against the atlas / each other)
   config.data.val_synthetic = 0       # + this many augmented copies of the atlas as val pairs

@@ -7,7 +7,12 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The repository root (for `configs` and `experiments`), wherever pytest is started from.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

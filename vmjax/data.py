@@ -114,11 +114,13 @@ def resolve_sources(spec, seg_replace: Sequence[str] | None = None,
 
   ``spec`` is a glob pattern, a directory (its ``.npz``/``.nii``/``.nii.gz`` files), a ``.txt``
   list file (one ``image [labels]`` per line, paths relative to the list), or a sequence of
-  those. NIfTI labels are found by replacing ``seg_replace[0]`` with ``seg_replace[1]`` in the
+  those, also as one comma-separated string. NIfTI labels are found by replacing ``seg_replace[0]`` with ``seg_replace[1]`` in the
   image's file name (e.g. ``("t1", "labels")``); files so named are not taken as images.
   """
   if spec is None or (isinstance(spec, str) and not spec.strip()):
     raise DataError(f"no {what} given (empty setting)")
+  if isinstance(spec, str) and "," in spec:
+    spec = [item for item in spec.split(",") if item.strip()]
   if not isinstance(spec, str):
     out = []
     for item in spec:
@@ -313,7 +315,7 @@ def load_mni152() -> Volume:
 
 def _load_any(spec, seg_replace, what, shard):
   """Volumes of a specification (the MNI152 template, or files), unprepared."""
-  if spec == MNI152_SPEC or (isinstance(spec, (list, tuple)) and list(spec) == [MNI152_SPEC]):
+  if spec == MNI152_SPEC:
     return [load_mni152()]
   sources = resolve_sources(spec, seg_replace, what)
   index, count = shard

@@ -1,0 +1,256 @@
+"""Training: pmap equivalence, learning, exact resume, checkpoint robustness, preemption."""
+
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from helpers import smooth_field, textured_volume
+import vmjax
+from vmjax import checkpoints
+from vmjax import train
+
+SHAPE = (16, 16, 16)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir=None, **overrides):
+  config = default.get_config()
+  config.model.enc_features = (4, 8)
+  config.model.dec_features = (8, 8, 4)
+  config.loss.window = 5
+  config.optimizer.learning_rate = 1e-3
+  config.log_every = 1
+  config.eval_every = 2
+  config.checkpoint_every = 2
+  if data_dir is not None:
+    config.data.train = str(data_dir / "train")
+    config.data.atlas = str(data_dir / "atlas.npz")
+    config.data.val = str(data_dir / "val")
+    config.data.normalize = "none"
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def write_subjects(root: pathlib.Path, count=5, shape=SHAPE):
+  """Small labelled npz subjects: deformed copies of one textured volume."""
+  base = textured_volume(shape, seed=0)[0, ..., 0]
+  seg = (base > 0.5).astype(np.int32) + (base > 0.7).astype(np.int32)
+  (root / "train").mkdir(parents=True)
+  (root / "val").mkdir()
+  np.savez(root / "atlas.npz", vol=base, seg=seg)
+  for i in range(count):
+    disp = jnp.asarray(smooth_field(shape, amplitude=1.5, seed=100 + i))
+    vol = np.asarray(vmjax.warp(jnp.asarray(base)[None, ..., None], disp, mode="nearest"))
+    lab = np.asarray(vmjax.warp(jnp.asarray(seg)[None, ..., None], disp, order=0,
+                                mode="nearest"))
+    folder = "val" if i == count - 1 else "train"
+    np.savez(root / folder / f"subject_{i}.npz", vol=vol[0, ..., 0], seg=lab[0, ..., 0])
+  return root
+
+
+def random_batch(count, seed=0):
+  moving = np.stack([textured_volume(SHAPE, seed=seed + 2 * i)[0] for i in range(count)])
+  fixed = np.stack([textured_volume(SHAPE, seed=seed + 2 * i + 1)[0] for i in range(count)])
+  return {"moving": moving, "fixed": fixed}
+
+
+def test_pmap_step_on_4_devices_equals_single_device_step_on_4_pairs():
+  assert jax.local_device_count() == 4, "conftest sets 4 simulated CPU devices"
+  config = tiny_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  batch = random_batch(4)
+
+  single = jax.jit(train.make_train_step(config, axis_name=None))
+  state_1, metrics_1 = single(state, batch)
+  state_1, metrics_1b = single(state_1, batch)
+
+  p_step = jax.pmap(train.make_train_step(config), axis_name=train.AXIS)
+  per_device = {k: v.reshape(4, 1, *v.shape[1:]) for k, v in batch.items()}
+  p_state = flax.jax_utils.replicate(state)
+  p_state, p_metrics = p_step(p_state, per_device)
+  p_state, p_metrics_b = p_step(p_state, per_device)
+
+  np.testing.assert_allclose(p_metrics_b["loss"][0], metrics_1b["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(state_1.params),
+                  jax.tree_util.tree_leaves(p_state.params)):
+    np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(b[0], b[3])  # replicas stay identical
+
+
+def test_loss_goes_down_on_a_small_pair():
+  config = tiny_config()
+  fixed = textured_volume(SHAPE, seed=3)
+  disp = jnp.asarray(smooth_field(SHAPE, amplitude=1.5, seed=4))
+  moving = np.asarray(vmjax.warp(jnp.asarray(fixed), disp, mode="nearest"))
+  batch = {"moving": moving, "fixed": fixed}
+  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  step = jax.jit(train.make_train_step(config, axis_name=None))
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["image"]))
+  assert losses[-1] < losses[0] - 0.02, losses
+  assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss.bidir": True, "model.int_steps": 3, "model.int_downsize": 2},
+    {"loss.image": "mse", "loss.lam": 0.01, "loss.seg_weight": 0.5,
+     "augment.deform_std": 1.0, "augment.gamma_std": 0.1},
+])
+def test_loss_variants_give_finite_gradients(overrides):
+  config = tiny_config(**overrides)
+  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  batch = random_batch(2)
+  batch["moving_seg"] = (batch["moving"] > 0.5).astype(np.int32)
+  batch["fixed_seg"] = (batch["fixed"] > 0.5).astype(np.int32)
+  step = jax.jit(train.make_train_step(config, seg_labels=(0, 1), axis_name=None))
+  new_state, metrics = step(state, batch)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  if config.loss.seg_weight:
+    assert 0.0 <= float(metrics["seg"]) <= 1.0
+  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), state.params,
+                                   new_state.params)
+  assert any(jax.tree_util.tree_leaves(changed))
+
+
+def params_of(workdir):
+  config = tiny_config()
+  target = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  state, meta = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                              config).restore_latest(target)
+  return state, meta
+
+
+def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path):
+  data_dir = write_subjects(tmp_path / "data")
+  augment = {"augment.deform_std": 1.0, "augment.noise_std": 0.01}
+  full = tiny_config(data_dir, num_steps=4, **augment)
+  summary = train.train_and_evaluate(full, str(tmp_path / "full"))
+  assert "dice" in summary and 0.0 <= summary["dice"] <= 1.0
+
+  train.train_and_evaluate(tiny_config(data_dir, num_steps=2, **augment), str(tmp_path / "cut"))
+  _, meta = params_of(tmp_path / "cut")
+  assert meta["step"] == 2
+  train.train_and_evaluate(tiny_config(data_dir, num_steps=4, **augment), str(tmp_path / "cut"))
+
+  uninterrupted, meta_a = params_of(tmp_path / "full")
+  resumed, meta_b = params_of(tmp_path / "cut")
+  assert meta_a["step"] == meta_b["step"] == 4 == int(resumed.step)
+  for a, b in zip(jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+  assert any('"train/loss"' in l for l in lines) and any('"val/dice"' in l for l in lines)
+
+
+def test_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+  config = tiny_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  manager = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
+  manager.save(1, state)
+  later = state.replace(step=jnp.asarray(2, jnp.int32),
+                        params=jax.tree_util.tree_map(lambda p: p + 1.0, state.params))
+  manager.save(2, later)
+  manager.wait_until_finished()
+  # Damage every data file of step 2 (truncate to half).
+  damaged = 0
+  for path in (tmp_path / "ckpt" / "2" / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 64:
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+      damaged += 1
+  assert damaged
+  fresh = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
+  with caplog.at_level(logging.WARNING):
+    restored, meta = fresh.restore_latest(state)
+  assert meta["step"] == 1 and int(restored.step) == 0
+  assert "step 2" in caplog.text and "unreadable" in caplog.text
+  for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                  jax.tree_util.tree_leaves(restored.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+  # A save killed mid-way leaves only orbax's temporary directory, which is never restored.
+  config = tiny_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  manager = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
+  manager.save(1, state)
+  manager.wait_until_finished()
+  (tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-123").mkdir()
+  assert checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config).all_steps() == [1]
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
+  data_dir = write_subjects(tmp_path / "data")
+  config = tiny_config(data_dir, num_steps=10_000, checkpoint_every=10_000, eval_every=10_000)
+  write = train.summaries.MetricWriter.write
+
+  def write_then_preempt(self, step, scalars):
+    write(self, step, scalars)
+    if step == 3:  # as a TPU preemption notice would, mid-run
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train.summaries.MetricWriter, "write", write_then_preempt)
+  previous = signal.getsignal(signal.SIGTERM)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  state, meta = params_of(tmp_path / "run")
+  assert meta["step"] == 3 and int(state.step) == 3
+  assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+
+
+def test_load_trained_rebuilds_the_model_from_the_workdir(tmp_path):
+  data_dir = write_subjects(tmp_path / "data")
+  train.train_and_evaluate(tiny_config(data_dir, num_steps=2), str(tmp_path / "run"))
+  model, variables, config = checkpoints.load_trained(str(tmp_path / "run"))
+  assert tuple(model.enc_features) == (4, 8) and config.num_steps == 2
+  x = jnp.asarray(textured_volume((32, 16, 48), seed=1))
+  moved, disp = vmjax.register(model, variables, x, x)
+  assert disp.shape == (1, 32, 16, 48, 3)
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    checkpoints.load_trained(str(tmp_path / "nowhere"))
+
+
+def test_config_string_argument():
+  config = default.get_config("variant=vm1,lam=0.5,lr=3e-4,shape=64x80x64,loss.window=7")
+  assert config.model.variant == "vm1" and config.loss.lam == 0.5
+  assert config.optimizer.learning_rate == 3e-4 and config.loss.window == 7
+  assert tuple(config.data.shape) == (64, 80, 64)
+  with pytest.raises(ValueError, match="no field"):
+    default.get_config("lamda=1")
+  with pytest.raises(ValueError, match="key=value"):
+    default.get_config("vm1")
+
+
+def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):
+  pytest.importorskip("nilearn", reason="configs/smoke.py uses nilearn's MNI152 template "
+                      "(pip install -r requirements-demo.txt)")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  workdir = tmp_path / "smoke"
+  cmd = [sys.executable, "-m", "experiments.train", "--config=configs/smoke.py",
+         f"--workdir={workdir}"]
+  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "global batch 4 = 1 per device x 4 devices" in first.stderr
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [3, 6]
+  second = subprocess.run(cmd + ["--config.num_steps=8"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from checkpoint at step 6" in second.stderr
+  assert "step 7/8" in second.stderr and "step 1/8" not in second.stderr
