@@ -3,7 +3,7 @@
 Atlas = the MNI152 template that ships inside the nilearn wheel; training "subjects" are random
 smooth deformations (and intensity changes) of it, made on the fly; validation is on held-out
 synthetic pairs from a separate seed, with Dice of grey/white-matter masks before vs after.
-Resolution 3 mm (64x80x64) to fit a CPU.
+Resolution 4 mm (48x64x48) to fit a CPU.
 """
 
 from configs import default
@@ -15,8 +15,8 @@ def get_config(arg=None):
   config = default.get_config()
   config.data.train = data.MNI152_SPEC
   config.data.atlas = data.MNI152_SPEC
-  config.data.downsample = 3
-  config.data.shape = (64, 80, 64)
+  config.data.downsample = 4
+  config.data.shape = (48, 64, 48)
   config.data.val_synthetic = 8
   config.augment.deform_std = 3.0
   config.augment.deform_spacing = 12.0
@@ -24,8 +24,8 @@ def get_config(arg=None):
   config.augment.bias_std = 0.1
   config.augment.noise_std = 0.01
   config.optimizer.learning_rate = 1e-3  # short schedule: faster than the paper's 1e-4
-  config.num_steps = 300
+  config.num_steps = 250
   config.log_every = 10
-  config.eval_every = 100
-  config.checkpoint_every = 100
+  config.eval_every = 50
+  config.checkpoint_every = 50
   return config_args.apply_arg(config, arg)

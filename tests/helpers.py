@@ -2,6 +2,8 @@
 
 import numpy as np
 
+SHAPE = (16, 16, 16)
+
 
 def smooth_field_fn(shape, amplitude, seed=0):
   """An analytic smooth displacement: ``fn(points (..., 3)) -> (..., 3)``, sums of sinusoids."""
@@ -38,3 +40,46 @@ def textured_volume(shape, seed=0, batch=1, channels=1):
   vol = ndimage.gaussian_filter(vol, sigma=(0, 1.5, 1.5, 1.5, 0))
   vol = (vol - vol.min()) / (vol.max() - vol.min())
   return vol.astype(np.float32)
+
+
+def tiny_config(data_dir=None, **overrides):
+  from configs import default
+  config = default.get_config()
+  config.model.enc_features = (4, 8)
+  config.model.dec_features = (8, 8, 4)
+  config.loss.window = 5
+  config.optimizer.learning_rate = 1e-3
+  config.log_every = 1
+  config.eval_every = 2
+  config.checkpoint_every = 2
+  if data_dir is not None:
+    config.data.train = str(data_dir / "train")
+    config.data.atlas = str(data_dir / "atlas.npz")
+    config.data.val = str(data_dir / "val")
+    config.data.normalize = "none"
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def write_subjects(root, count=5, shape=SHAPE):
+  """Small labelled npz subjects: deformed copies of one textured volume."""
+  import jax.numpy as jnp
+  import vmjax
+  base = textured_volume(shape, seed=0)[0, ..., 0]
+  seg = (base > 0.5).astype(np.int32) + (base > 0.7).astype(np.int32)
+  (root / "train").mkdir(parents=True)
+  (root / "val").mkdir()
+  np.savez(root / "atlas.npz", vol=base, seg=seg)
+  for i in range(count):
+    disp = jnp.asarray(smooth_field(shape, amplitude=1.5, seed=100 + i))
+    vol = np.asarray(vmjax.warp(jnp.asarray(base)[None, ..., None], disp, mode="nearest"))
+    lab = np.asarray(vmjax.warp(jnp.asarray(seg)[None, ..., None], disp, order=0,
+                                mode="nearest"))
+    folder = "val" if i == count - 1 else "train"
+    np.savez(root / folder / f"subject_{i}.npz", vol=vol[0, ..., 0], seg=lab[0, ..., 0])
+  return root

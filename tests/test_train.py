@@ -14,53 +14,12 @@ import numpy as np
 import pytest
 
 from configs import default
-from helpers import smooth_field, textured_volume
+from helpers import SHAPE, smooth_field, textured_volume, tiny_config, write_subjects
 import vmjax
 from vmjax import checkpoints
 from vmjax import train
 
-SHAPE = (16, 16, 16)
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(data_dir=None, **overrides):
-  config = default.get_config()
-  config.model.enc_features = (4, 8)
-  config.model.dec_features = (8, 8, 4)
-  config.loss.window = 5
-  config.optimizer.learning_rate = 1e-3
-  config.log_every = 1
-  config.eval_every = 2
-  config.checkpoint_every = 2
-  if data_dir is not None:
-    config.data.train = str(data_dir / "train")
-    config.data.atlas = str(data_dir / "atlas.npz")
-    config.data.val = str(data_dir / "val")
-    config.data.normalize = "none"
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
-
-
-def write_subjects(root: pathlib.Path, count=5, shape=SHAPE):
-  """Small labelled npz subjects: deformed copies of one textured volume."""
-  base = textured_volume(shape, seed=0)[0, ..., 0]
-  seg = (base > 0.5).astype(np.int32) + (base > 0.7).astype(np.int32)
-  (root / "train").mkdir(parents=True)
-  (root / "val").mkdir()
-  np.savez(root / "atlas.npz", vol=base, seg=seg)
-  for i in range(count):
-    disp = jnp.asarray(smooth_field(shape, amplitude=1.5, seed=100 + i))
-    vol = np.asarray(vmjax.warp(jnp.asarray(base)[None, ..., None], disp, mode="nearest"))
-    lab = np.asarray(vmjax.warp(jnp.asarray(seg)[None, ..., None], disp, order=0,
-                                mode="nearest"))
-    folder = "val" if i == count - 1 else "train"
-    np.savez(root / folder / f"subject_{i}.npz", vol=vol[0, ..., 0], seg=lab[0, ..., 0])
-  return root
 
 
 def random_batch(count, seed=0):

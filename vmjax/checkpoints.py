@@ -52,21 +52,38 @@ class CheckpointManager:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def restore_latest(self, target):
-    """Restores the newest readable checkpoint into the structure of ``target``.
+  def _readable(self, step: int | None, restore):
+    """``restore(step)`` for ``step``, or for the newest step that restores without error."""
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    if step is not None and step not in self.all_steps():
+      raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
+    for s in steps:
+      try:
+        return restore(s)
+      except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
+        if step is not None:
+          raise ValueError(f"checkpoint at step {s} in {self.directory} is unreadable: "
+                           f"{type(e).__name__}: {e}") from e
+        logging.warning("checkpoint at step %d in %s is unreadable, skipping it: %s: %s", s,
+                        self.directory, type(e).__name__, str(e).splitlines()[0][:300])
+    return None
+
+  def restore_latest(self, target, step: int | None = None):
+    """Restores the newest readable checkpoint (or ``step``) into the structure of ``target``.
 
     Returns:
       ``(state, meta)``, or ``(target, None)`` when there is no readable checkpoint.
     """
-    for step in reversed(self.all_steps()):
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
-      except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
-        logging.warning("checkpoint at step %d in %s is unreadable, skipping it: %s: %s", step,
-                        self.directory, type(e).__name__, str(e).splitlines()[0][:300])
-    return target, None
+    def restore(s):
+      out = self._manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
+      return out["state"], out["meta"]
+    return self._readable(step, restore) or (target, None)
+
+  def restore_meta(self, step: int | None = None) -> dict | None:
+    """The JSON metadata (config, step, data position) of the newest readable checkpoint."""
+    return self._readable(step, lambda s: self._manager.restore(
+        s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -75,37 +92,36 @@ class CheckpointManager:
     self._manager.close()
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with, from its newest readable checkpoint's metadata."""
-  directory = os.path.join(workdir, "checkpoints")
+def _locate(path: str) -> tuple[str, int | None]:
+  """``(checkpoints directory, step or None)`` for a workdir or a ``.../checkpoints/<step>``."""
+  path = os.path.abspath(path)
+  if os.path.basename(path).isdigit() and os.path.isdir(path):
+    return os.path.dirname(path), int(os.path.basename(path))
+  directory = os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints directory in workdir {workdir}")
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=("state", "meta"))
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      return ml_collections.ConfigDict(meta["config"])
-    except Exception as e:
-      logging.warning("checkpoint metadata at step %d unreadable, skipping: %s", step, e)
-  raise FileNotFoundError(f"workdir {workdir} has no readable checkpoint")
+    raise FileNotFoundError(f"no checkpoints directory in workdir {path}")
+  return directory, None
 
 
-def load_trained(workdir: str):
-  """Rebuilds a trained model from a training workdir alone.
+def load_trained(path: str):
+  """Rebuilds a trained model from a training workdir (newest readable checkpoint) or from one
+  checkpoint directory ``workdir/checkpoints/<step>``, with nothing else needed.
 
   Returns:
     ``(model, variables, config)``; ``vmjax.register(model, variables, moving, fixed)`` then
     registers pairs of any spatial shape divisible by ``2**model.levels``.
   """
   from vmjax import train  # local import: train imports this module
-  config = load_config(workdir)
+  directory, step = _locate(path)
+  manager = CheckpointManager(directory, max_to_keep=None)
+  if step is None and not manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  meta = manager.restore_meta(step)
+  if meta is None:
+    raise FileNotFoundError(f"no readable checkpoint in {directory}")
+  config = ml_collections.ConfigDict(meta["config"])
   model = train.model_from_config(config.model)
   # Convolution weights do not depend on the volume size: the smallest valid grid will do.
   target = train.create_train_state(config, jax.random.PRNGKey(0), (2 ** model.levels,) * 3)
-  manager = CheckpointManager(os.path.join(workdir, "checkpoints"), config)
-  state, meta = manager.restore_latest(target)
-  if meta is None:
-    raise FileNotFoundError(f"workdir {workdir} has no readable checkpoint")
+  state, _ = manager.restore_latest(target, step if step is not None else meta["step"])
   return model, {"params": state.params}, config

@@ -48,3 +48,79 @@ def pad_to_multiple(x: jax.Array, multiple: int, mode: str = "constant"):
   target = checks.divisible_shape(shape, multiple)
   pads = [(0, 0)] + [(0, t - n) for t, n in zip(target, shape)] + [(0, 0)]
   return jnp.pad(x, pads, mode=mode), shape
+
+
+def _network_input(volume, config) -> tuple[jax.Array, tuple]:
+  """A scan prepared as in training (normalisation, downsampling), batched and padded."""
+  from vmjax import data
+  prepared = data.prepare(volume, config.data.normalize, config.data.downsample)
+  x = jnp.asarray(prepared.image)[None, ..., None]
+  return x, prepared.image.shape
+
+
+def register_scans(model: VxmDense, variables, config, moving, fixed, instance_steps: int = 0,
+                   instance_lr: float | None = None) -> dict:
+  """Registers two scans of any size on the same grid, as trained.
+
+  The scans are prepared like the training data (``config.data.normalize``, ``downsample``),
+  padded to the network's multiple, registered, and the displacement is cropped back and
+  (after downsampling) resized to the full grid, so outputs live on the fixed scan's grid.
+  ``instance_steps > 0`` first fine-tunes the network on this pair with the training loss
+  (VoxelMorph's instance-specific optimisation).
+
+  Args:
+    moving, fixed: :class:`vmjax.data.Volume` on the same voxel grid.
+
+  Returns:
+    dict with ``moved`` (the raw moving image warped, ``(D, H, W)``), ``disp``
+    (``(D, H, W, 3)``, voxels of the full grid), ``moved_seg`` (if ``moving.seg``),
+    ``loss_before``/``loss_after`` (the training loss on this pair, at network resolution) and
+    ``variables`` (fine-tuned if ``instance_steps``).
+  """
+  from vmjax import train
+  if moving.image.shape != fixed.image.shape:
+    raise ValueError(f"moving {moving.path} {moving.image.shape} and fixed {fixed.path} "
+                     f"{fixed.image.shape} are on different voxel grids; resample the moving "
+                     "scan onto the fixed grid (e.g. after affine alignment) first")
+  multiple = 2 ** model.levels
+  x_moving, net_shape = _network_input(moving, config)
+  x_fixed, _ = _network_input(fixed, config)
+  x_moving, _ = pad_to_multiple(x_moving, multiple)
+  x_fixed, _ = pad_to_multiple(x_fixed, multiple)
+  checks.check_pair(x_moving, x_fixed, levels=model.levels)
+  batch = {"moving": x_moving, "fixed": x_fixed}
+
+  loss_fn = jax.jit(lambda params: train.compute_loss(params, model, batch, config.loss)[0])
+  result = {"loss_before": float(loss_fn(variables["params"]))}
+  if instance_steps > 0:
+    import optax
+    tx = optax.adam(instance_lr or config.optimizer.learning_rate)
+    params = variables["params"]
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+      grads = jax.grad(lambda p: train.compute_loss(p, model, batch, config.loss)[0])(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(instance_steps):
+      params, opt_state = step(params, opt_state)
+    variables = {**variables, "params": params}
+  result["loss_after"] = float(loss_fn(variables["params"]))
+  result["variables"] = variables
+
+  _, disp = register(model, variables, x_moving, x_fixed)
+  disp = disp[:, :net_shape[0], :net_shape[1], :net_shape[2]]
+  full_shape = moving.image.shape
+  factor = config.data.downsample
+  if factor > 1:
+    disp = transforms.resize_field(disp, tuple(n * factor for n in net_shape))
+    pads = [(0, 0)] + [(0, f - n) for f, n in zip(full_shape, disp.shape[1:4])] + [(0, 0)]
+    disp = jnp.pad(disp, pads, mode="edge")
+  result["disp"] = disp[0]
+  result["moved"] = transforms.warp(jnp.asarray(moving.image)[None, ..., None], disp)[0, ..., 0]
+  if moving.seg is not None:
+    result["moved_seg"] = transforms.warp(jnp.asarray(moving.seg)[None, ..., None], disp,
+                                          order=0)[0, ..., 0]
+  return result

@@ -1,0 +1,165 @@
+r"""Evaluates registration methods side by side on the same labelled pairs.
+
+Atlas protocol (subjects -> atlas, e.g. OASIS-TRT-20 subjects 13-15 -> subject 1):
+  python -m experiments.evaluate --workdir=runs/oasis --outdir=eval/oasis \
+      --moving=../shared/data/oasis_trt20/OASIS-TRT-20-1[345]/t1.nii.gz \
+      --fixed=../shared/data/oasis_trt20/OASIS-TRT-20-1/t1.nii.gz \
+      --labels=../shared/data/oasis_trt20/labels.txt --methods=identity,vmjax,vmjax_instance,ants_syn
+Synthetic protocol (random smooth diffeomorphic deformations of one scan, fixed = the scan):
+  python -m experiments.evaluate --workdir=runs/x --synthetic=../shared/data/test_scan.npz \
+      --num_pairs=5 --outdir=eval/synthetic
+
+Writes results.csv (one row per method, pair and label), summary.json (per method: Dice
+mean ± std over pairs, non-positive Jacobian % and count, seconds per pair, compile apart) and
+figures (fig4_<method>.png: an example registration; fig5_dice.png: per-structure box plots).
+"""
+
+import csv
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from vmjax import checkpoints
+from vmjax import data
+from vmjax import evaluation
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Trained vmjax workdir (or a checkpoint directory).")
+flags.DEFINE_string("outdir", None, "Where to write results.csv, summary.json and figures.")
+flags.DEFINE_string("moving", None, "Moving scans: glob, directory, .txt list, comma-separated.")
+flags.DEFINE_string("fixed", None, "The fixed scan (atlas) with labels.")
+flags.DEFINE_string("pairs", None, "Or: scans registered pairwise, each to the next.")
+flags.DEFINE_string("synthetic", None, "Or: one labelled scan, deformed randomly (fixed = it).")
+flags.DEFINE_integer("num_pairs", 5, "Synthetic pairs.")
+flags.DEFINE_integer("seed", 2024, "Seed of the synthetic deformations (not training's).")
+flags.DEFINE_float("deform_std", 4.0, "Synthetic velocity std in voxels at control points.")
+flags.DEFINE_float("deform_spacing", 32.0, "Synthetic control-point spacing in voxels.")
+flags.DEFINE_list("seg_replace", ["t1", "labels"], "NIfTI label file-name swap (old,new).")
+flags.DEFINE_string("labels", None, "Labels: .txt or comma list; default VoxelMorph's 30.")
+flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants_syn"],
+                  "Methods to compare.")
+flags.DEFINE_integer("instance_steps", 50, "Steps for vmjax_instance.")
+flags.DEFINE_float("instance_lr", None, "Its learning rate (default: the training one).")
+flags.mark_flags_as_required(["outdir"])
+
+
+def load_pairs():
+  seg_replace = tuple(FLAGS.seg_replace) if FLAGS.seg_replace else None
+  load = lambda spec, what: [data.load_volume(i, s)
+                             for i, s in data.resolve_sources(spec, seg_replace, what)]
+  chosen = [bool(FLAGS.moving), bool(FLAGS.pairs), bool(FLAGS.synthetic)]
+  if sum(chosen) != 1:
+    raise app.UsageError("give exactly one of --moving (with --fixed), --pairs, --synthetic")
+  if FLAGS.moving:
+    if not FLAGS.fixed:
+      raise app.UsageError("--moving needs --fixed")
+    fixed = load(FLAGS.fixed, "--fixed")[0]
+    return [(m, fixed) for m in load(FLAGS.moving, "--moving")]
+  if FLAGS.pairs:
+    scans = load(FLAGS.pairs, "--pairs")
+    if len(scans) < 2:
+      raise app.UsageError("--pairs needs at least two scans")
+    return [(scans[i], scans[(i + 1) % len(scans)]) for i in range(len(scans))]
+  import ml_collections
+  scan = load(FLAGS.synthetic, "--synthetic")[0]
+  if scan.seg is None:
+    raise data.DataError(f"--synthetic scan {scan.path} has no labels")
+  cfg = ml_collections.ConfigDict(dict(deform_std=FLAGS.deform_std,
+                                       deform_spacing=FLAGS.deform_spacing, gamma_std=0.0,
+                                       bias_std=0.0, noise_std=0.0))
+  return data.synthetic_pairs(scan, FLAGS.num_pairs, FLAGS.seed, cfg)
+
+
+def build_methods():
+  methods, notes = {}, {}
+  needs_model = {"vmjax", "vmjax_instance"} & set(FLAGS.methods)
+  if needs_model:
+    if not FLAGS.workdir:
+      raise app.UsageError(f"methods {sorted(needs_model)} need --workdir")
+    model, variables, config = checkpoints.load_trained(FLAGS.workdir)
+  for name in FLAGS.methods:
+    if name == "identity":
+      methods[name] = evaluation.identity_method
+    elif name == "vmjax":
+      methods[name] = evaluation.vmjax_method(model, variables, config)
+    elif name == "vmjax_instance":
+      methods[name] = evaluation.vmjax_method(model, variables, config, FLAGS.instance_steps,
+                                              FLAGS.instance_lr)
+    elif name == "ants_syn":
+      if evaluation.ants_available():
+        methods[name] = evaluation.ants_syn_method()
+      else:
+        notes[name] = ("skipped: antspyx is not installed "
+                       "(pip install -r requirements-ants.txt)")
+        logging.warning("ants_syn %s", notes[name])
+    else:
+      raise app.UsageError(f"unknown method {name!r}")
+  return methods, notes
+
+
+def write_outputs(records, labels, summary, pairs):
+  os.makedirs(FLAGS.outdir, exist_ok=True)
+  rows = [{"method": r["method"], "pair": r["pair"], "moving": r["moving"], "fixed": r["fixed"],
+           "label": label, "structure": evaluation.label_name(label), "dice": r["dice"][i],
+           "folding_fraction": r["folding_fraction"], "folding_count": r["folding_count"],
+           "seconds": r["seconds"]} for r in records for i, label in enumerate(labels)]
+  tmp = os.path.join(FLAGS.outdir, ".results.csv.tmp")
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, os.path.join(FLAGS.outdir, "results.csv"))
+  tmp = os.path.join(FLAGS.outdir, ".summary.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=2)
+  os.replace(tmp, os.path.join(FLAGS.outdir, "summary.json"))
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    logging.warning("matplotlib not installed: no figures (pip install -r requirements-demo.txt)")
+    return
+  from vmjax import metrics, plots
+  plots.dice_boxplot(os.path.join(FLAGS.outdir, "fig5_dice.png"), records, labels,
+                     evaluation.structure_name)
+  for r in records:
+    out = r["outcome"]
+    if r["pair"] != 0 or out.disp is None or r["method"] == "identity":
+      continue
+    det = np.asarray(metrics.jacobian_determinant(out.disp[None]))[0]
+    moving, fixed = pairs[0]
+    plots.registration_figure(os.path.join(FLAGS.outdir, f"fig4_{r['method']}.png"),
+                              moving.image, fixed.image, out.moved, out.disp, det,
+                              title=f"{r['method']}: {os.path.basename(moving.path)} -> "
+                                    f"{os.path.basename(fixed.path)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  logging.set_verbosity(logging.INFO)
+  pairs = load_pairs()
+  labels = (data.read_labels(FLAGS.labels) if FLAGS.labels
+            else list(evaluation.VOXELMORPH_LABELS))
+  methods, notes = build_methods()
+  start = time.perf_counter()
+  records = evaluation.evaluate_methods(methods, pairs, labels)
+  summary = {"methods": evaluation.summarize(records), "skipped": notes,
+             "labels": labels, "pairs": [[m.path, f.path] for m, f in pairs],
+             "wall_seconds": time.perf_counter() - start}
+  write_outputs(records, labels, summary, pairs)
+  print(f"{'method':<16} {'Dice mean ± std':>17} {'non-pos. Jac. %':>16} {'s / pair':>9}")
+  for name, s in summary["methods"].items():
+    print(f"{name:<16} {s['dice_mean']:>8.3f} ± {s['dice_std']:.3f} "
+          f"{s['folding_percent_mean']:>16.4f} {s['seconds_per_pair']:>9.2f}")
+  for name, note in notes.items():
+    print(f"{name:<16} {note}")
+  print(f"results in {os.path.abspath(FLAGS.outdir)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,87 @@
+"""Evaluation: hand-computed Dice and folding, summaries, and the CLI end to end."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import vmjax
+from helpers import textured_volume, tiny_config, write_subjects
+from vmjax import evaluation
+from vmjax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_dice_and_folding_on_a_hand_made_case():
+  fixed = np.zeros((4, 4, 4), np.int32)
+  moved = np.zeros_like(fixed)
+  fixed[:2] = 17        # 32 voxels
+  moved[1:3] = 17       # 32 voxels, 16 shared -> 0.5
+  fixed[3, 3, 3] = 53   # 1 voxel, missed -> 0
+  np.testing.assert_allclose(evaluation.dice_per_label(moved, fixed, [17, 53]), [0.5, 0.0])
+  assert np.isnan(evaluation.dice_per_label(moved, fixed, [99])[0])
+  det = np.ones((4, 4, 4))
+  det[0, 0, :3] = [-0.5, 0.0, 0.2]  # two non-positive voxels of 64
+  assert evaluation.folding_stats(det) == (2, 2 / 64)
+  # And the same count from a real field: a reflection folds every voxel.
+  grid = np.stack(np.meshgrid(*[np.arange(5.0)] * 3, indexing="ij"), -1)
+  reflect = np.zeros_like(grid)
+  reflect[..., 0] = -2 * grid[..., 0]  # x -> -x
+  det = np.asarray(vmjax.jacobian_determinant(reflect[None].astype(np.float32)))[0]
+  assert evaluation.folding_stats(det) == (125, 1.0)
+
+
+def test_summary_means_over_labels_then_pairs():
+  records = [{"method": "a", "dice": np.array([1.0, 0.5]), "folding_fraction": 0.0,
+              "folding_count": 0, "seconds": 1.0},
+             {"method": "a", "dice": np.array([0.5, np.nan]), "folding_fraction": 0.01,
+              "folding_count": 10, "seconds": 3.0}]
+  s = evaluation.summarize(records)["a"]
+  assert s["pairs"] == 2
+  np.testing.assert_allclose([s["dice_mean"], s["dice_std"]], [0.625, 0.125])
+  np.testing.assert_allclose([s["folding_percent_mean"], s["folding_count_mean"],
+                              s["seconds_per_pair"]], [0.5, 5.0, 2.0])
+
+
+def test_label_names_merge_hemispheres():
+  assert evaluation.label_name(17) == "Left-Hippocampus"
+  assert evaluation.structure_name(17) == evaluation.structure_name(53) == "Hippocampus"
+  assert evaluation.structure_name(1035) == evaluation.structure_name(2035) == "ctx-insula"
+  assert len(evaluation.VOXELMORPH_LABELS) == 30
+  assert all(l in evaluation.LABEL_NAMES for l in evaluation.VOXELMORPH_LABELS)
+
+
+def test_evaluate_cli_end_to_end_on_a_tiny_case(tmp_path):
+  data_dir = write_subjects(tmp_path / "data", shape=(16, 16, 16))
+  train.train_and_evaluate(tiny_config(data_dir, num_steps=2), str(tmp_path / "run"))
+  scan = textured_volume((24, 20, 16), seed=5)[0, ..., 0]
+  np.savez(tmp_path / "scan.npz", vol=scan, seg=np.digitize(scan, [0.4, 0.6]))
+  out = tmp_path / "eval"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path / 'run'}",
+       f"--synthetic={tmp_path / 'scan.npz'}", "--num_pairs=2", "--deform_std=1.5",
+       "--deform_spacing=8", "--labels=1,2", "--instance_steps=2", f"--outdir={out}",
+       "--methods=identity,vmjax,vmjax_instance,ants_syn"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((out / "summary.json").read_text())
+  assert set(summary["methods"]) >= {"identity", "vmjax", "vmjax_instance"}
+  if not evaluation.ants_available():
+    assert "antspyx is not installed" in summary["skipped"]["ants_syn"]
+  identity = summary["methods"]["identity"]
+  assert identity["folding_percent_mean"] == 0.0 and 0.0 < identity["dice_mean"] < 1.0
+  with open(out / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  methods = {r["method"] for r in rows}
+  assert len(rows) == len(methods) * 2 * 2  # methods x pairs x labels
+  assert "identity" in result.stdout and "Dice" in result.stdout
+  pytest.importorskip("matplotlib", reason="figures need matplotlib (requirements-demo.txt)")
+  assert (out / "fig5_dice.png").stat().st_size > 1000
+  assert (out / "fig4_vmjax.png").stat().st_size > 1000

@@ -1,0 +1,196 @@
+"""Evaluation of registration methods on labelled pairs: Dice per structure, folding, time.
+
+Methods share one interface, ``method(moving, fixed) -> Outcome``, on
+:class:`vmjax.data.Volume` pairs on the same grid, so ``identity`` (the affine-only input),
+``vmjax`` (with or without instance optimisation) and ``ants_syn`` (antspyx, optional) are
+measured the same way on the same pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+
+# FreeSurfer colour-table names of the labels VoxelMorph and Mindboggle evaluate.
+ASEG_NAMES = {
+    2: "Left-Cerebral-White-Matter", 3: "Left-Cerebral-Cortex", 4: "Left-Lateral-Ventricle",
+    5: "Left-Inf-Lat-Vent", 7: "Left-Cerebellum-White-Matter", 8: "Left-Cerebellum-Cortex",
+    10: "Left-Thalamus", 11: "Left-Caudate", 12: "Left-Putamen", 13: "Left-Pallidum",
+    14: "3rd-Ventricle", 15: "4th-Ventricle", 16: "Brain-Stem", 17: "Left-Hippocampus",
+    18: "Left-Amygdala", 24: "CSF", 26: "Left-Accumbens-area", 28: "Left-VentralDC",
+    30: "Left-vessel", 31: "Left-choroid-plexus", 41: "Right-Cerebral-White-Matter",
+    42: "Right-Cerebral-Cortex", 43: "Right-Lateral-Ventricle", 44: "Right-Inf-Lat-Vent",
+    46: "Right-Cerebellum-White-Matter", 47: "Right-Cerebellum-Cortex", 49: "Right-Thalamus",
+    50: "Right-Caudate", 51: "Right-Putamen", 52: "Right-Pallidum", 53: "Right-Hippocampus",
+    54: "Right-Amygdala", 58: "Right-Accumbens-area", 60: "Right-VentralDC", 62: "Right-vessel",
+    63: "Right-choroid-plexus", 72: "5th-Ventricle", 85: "Optic-Chiasm",
+    91: "Left-Basal-Forebrain", 92: "Right-Basal-Forebrain",
+    630: "Cerebellar-Vermal-Lobules-I-V", 631: "Cerebellar-Vermal-Lobules-VI-VII",
+    632: "Cerebellar-Vermal-Lobules-VIII-X",
+}
+_DKT = {2: "caudalanteriorcingulate", 3: "caudalmiddlefrontal", 5: "cuneus", 6: "entorhinal",
+        7: "fusiform", 8: "inferiorparietal", 9: "inferiortemporal", 10: "isthmuscingulate",
+        11: "lateraloccipital", 12: "lateralorbitofrontal", 13: "lingual",
+        14: "medialorbitofrontal", 15: "middletemporal", 16: "parahippocampal",
+        17: "paracentral", 18: "parsopercularis", 19: "parsorbitalis", 20: "parstriangularis",
+        21: "pericalcarine", 22: "postcentral", 23: "posteriorcingulate", 24: "precentral",
+        25: "precuneus", 26: "rostralanteriorcingulate", 27: "rostralmiddlefrontal",
+        28: "superiorfrontal", 29: "superiorparietal", 30: "superiortemporal",
+        31: "supramarginal", 34: "transversetemporal", 35: "insula"}
+LABEL_NAMES = {**ASEG_NAMES, **{1000 + k: f"ctx-lh-{v}" for k, v in _DKT.items()},
+               **{2000 + k: f"ctx-rh-{v}" for k, v in _DKT.items()}}
+# The 30 structures VoxelMorph reports (its fig. 5), left then right.
+VOXELMORPH_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43,
+                     46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
+
+
+def label_name(label: int) -> str:
+  return LABEL_NAMES.get(int(label), f"label-{int(label)}")
+
+
+def structure_name(label: int) -> str:
+  """The name with its hemisphere removed, so left and right merge into one structure."""
+  name = label_name(label)
+  for prefix in ("Left-", "Right-", "ctx-lh-", "ctx-rh-"):
+    if name.startswith(prefix):
+      return ("ctx-" if prefix.startswith("ctx") else "") + name[len(prefix):]
+  return name
+
+
+def dice_per_label(seg_a: np.ndarray, seg_b: np.ndarray, labels) -> np.ndarray:
+  """Dice of each label (NaN where absent from both), numpy, any shape."""
+  out = np.full(len(labels), np.nan)
+  for i, label in enumerate(labels):
+    a, b = seg_a == label, seg_b == label
+    total = a.sum() + b.sum()
+    if total:
+      out[i] = 2.0 * np.logical_and(a, b).sum() / total
+  return out
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What one method produced for one pair."""
+  moved: np.ndarray | None
+  moved_seg: np.ndarray
+  disp: np.ndarray | None  # (D, H, W, 3) voxels, for vmjax-style methods
+  folding_count: int
+  folding_fraction: float
+  seconds: float
+
+
+def folding_stats(jacobian_det: np.ndarray, mask: np.ndarray | None = None) -> tuple[int, float]:
+  """Count and fraction of voxels (inside ``mask`` if given) with Jacobian determinant <= 0."""
+  values = jacobian_det if mask is None else jacobian_det[mask]
+  count = int((values <= 0).sum())
+  return count, count / max(values.size, 1)
+
+
+def identity_method(moving, fixed) -> Outcome:
+  """The affine-only input (VoxelMorph's "Affine" row): no deformation at all."""
+  del fixed
+  return Outcome(moving.image, moving.seg, np.zeros((*moving.image.shape, 3), np.float32), 0,
+                 0.0, 0.0)
+
+
+def vmjax_method(model, variables, config, instance_steps: int = 0,
+                 instance_lr: float | None = None) -> Callable:
+  """A vmjax model as a method; ``seconds`` excludes compilation (one warm-up per shape)."""
+  import jax
+  from vmjax import metrics, registration
+  compiled_shapes = set()
+
+  def run(moving, fixed) -> Outcome:
+    call = lambda: registration.register_scans(model, variables, config, moving, fixed,
+                                               instance_steps, instance_lr)
+    if moving.image.shape not in compiled_shapes:
+      jax.block_until_ready(call()["disp"])  # compile outside the timing
+      compiled_shapes.add(moving.image.shape)
+    start = time.perf_counter()
+    out = call()
+    jax.block_until_ready(out["disp"])
+    seconds = time.perf_counter() - start
+    det = np.asarray(metrics.jacobian_determinant(out["disp"][None]))[0]
+    count, fraction = folding_stats(det)
+    return Outcome(np.asarray(out["moved"]), np.asarray(out["moved_seg"]),
+                   np.asarray(out["disp"]), count, fraction, seconds)
+
+  return run
+
+
+def ants_available() -> bool:
+  try:
+    import ants  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def ants_syn_method(type_of_transform: str = "SyN") -> Callable:
+  """ANTs SyN (antspyx) as a method: labels warped with its transforms (nearest neighbour);
+  folding from ANTs' Jacobian determinant of the forward warp."""
+  import ants
+
+  def to_ants(array):
+    return ants.from_numpy(np.asarray(array, np.float32))
+
+  def run(moving, fixed) -> Outcome:
+    fixed_img, moving_img = to_ants(fixed.image), to_ants(moving.image)
+    start = time.perf_counter()
+    reg = ants.registration(fixed=fixed_img, moving=moving_img,
+                            type_of_transform=type_of_transform)
+    seconds = time.perf_counter() - start
+    moved_seg = ants.apply_transforms(fixed=fixed_img, moving=to_ants(moving.seg),
+                                      transformlist=reg["fwdtransforms"],
+                                      interpolator="nearestNeighbor").numpy()
+    warps = [t for t in reg["fwdtransforms"] if t.endswith((".nii.gz", ".nii"))]
+    if warps:
+      det = ants.create_jacobian_determinant_image(fixed_img, warps[0]).numpy()
+      count, fraction = folding_stats(det)
+    else:
+      count, fraction = 0, 0.0
+    return Outcome(reg["warpedmovout"].numpy(), np.rint(moved_seg).astype(np.int32), None,
+                   count, fraction, seconds)
+
+  return run
+
+
+def evaluate_methods(methods: dict, pairs, labels) -> list[dict]:
+  """Runs every method on every pair.
+
+  Returns:
+    one record per (method, pair): ``method``, ``pair``, ``dice`` (per label, ``(L,)``),
+    ``folding_count``, ``folding_fraction``, ``seconds``, and the ``outcome``.
+  """
+  records = []
+  for p, (moving, fixed) in enumerate(pairs):
+    if moving.seg is None or fixed.seg is None:
+      raise ValueError(f"pair {p} ({moving.path} -> {fixed.path}) has no labels to evaluate")
+    for name, method in methods.items():
+      outcome = method(moving, fixed)
+      records.append({"method": name, "pair": p, "moving": moving.path, "fixed": fixed.path,
+                      "dice": dice_per_label(outcome.moved_seg, fixed.seg, labels),
+                      "folding_count": outcome.folding_count,
+                      "folding_fraction": outcome.folding_fraction,
+                      "seconds": outcome.seconds, "outcome": outcome})
+  return records
+
+
+def summarize(records: list[dict]) -> dict:
+  """Per method: Dice (mean over labels per pair, then mean ± std over pairs), folding %,
+  seconds per pair."""
+  summary = {}
+  for name in dict.fromkeys(r["method"] for r in records):
+    rows = [r for r in records if r["method"] == name]
+    per_pair = np.array([np.nanmean(r["dice"]) for r in rows])
+    summary[name] = {
+        "pairs": len(rows),
+        "dice_mean": float(per_pair.mean()), "dice_std": float(per_pair.std()),
+        "folding_percent_mean": float(100 * np.mean([r["folding_fraction"] for r in rows])),
+        "folding_count_mean": float(np.mean([r["folding_count"] for r in rows])),
+        "seconds_per_pair": float(np.mean([r["seconds"] for r in rows])),
+    }
+  return summary
