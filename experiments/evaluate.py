@@ -152,10 +152,12 @@ def main(argv):
              "labels": labels, "pairs": [[m.path, f.path] for m, f in pairs],
              "wall_seconds": time.perf_counter() - start}
   write_outputs(records, labels, summary, pairs)
-  print(f"{'method':<16} {'Dice mean ± std':>17} {'non-pos. Jac. %':>16} {'s / pair':>9}")
+  print("| method | Dice mean ± std | non-pos. Jacobian % (count) | s / pair | compile s |")
+  print("|---|---|---|---|---|")
   for name, s in summary["methods"].items():
-    print(f"{name:<16} {s['dice_mean']:>8.3f} ± {s['dice_std']:.3f} "
-          f"{s['folding_percent_mean']:>16.4f} {s['seconds_per_pair']:>9.2f}")
+    print(f"| {name} | {s['dice_mean']:.3f} ± {s['dice_std']:.3f} | "
+          f"{s['folding_percent_mean']:.4f} ({s['folding_count_mean']:.0f}) | "
+          f"{s['seconds_per_pair']:.2f} | {s['compile_seconds']:.1f} |")
   for name, note in notes.items():
     print(f"{name:<16} {note}")
   print(f"results in {os.path.abspath(FLAGS.outdir)}")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax import lax
 import jax.numpy as jnp
+import ml_collections
+import optax
 
 from vmjax import checks
 from vmjax import transforms
@@ -51,11 +54,41 @@ def pad_to_multiple(x: jax.Array, multiple: int, mode: str = "constant"):
 
 
 def _network_input(volume, config) -> tuple[jax.Array, tuple]:
-  """A scan prepared as in training (normalisation, downsampling), batched and padded."""
+  """A scan prepared as in training (normalisation, downsampling), batched."""
   from vmjax import data
   prepared = data.prepare(volume, config.data.normalize, config.data.downsample)
-  x = jnp.asarray(prepared.image)[None, ..., None]
-  return x, prepared.image.shape
+  return jnp.asarray(prepared.image)[None, ..., None], prepared.image.shape
+
+
+def pair_loss_config(config) -> ml_collections.FrozenConfigDict:
+  """The training loss without its label term (a new pair has no labels), hashable for jit."""
+  return ml_collections.FrozenConfigDict({**config.loss.to_dict(), "seg_weight": 0.0})
+
+
+def _pair_loss(model: VxmDense, loss_cfg, params, moving: jax.Array, fixed: jax.Array):
+  from vmjax import train
+  return train.compute_loss(params, model, {"moving": moving, "fixed": fixed}, loss_cfg)[0]
+
+
+# The training loss of one pair (``moving``, ``fixed``: ``(B, D, H, W, C)``).
+pair_loss = jax.jit(_pair_loss, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def instance_optimise(model: VxmDense, loss_cfg, steps: int, params, moving: jax.Array,
+                      fixed: jax.Array, learning_rate: float):
+  """VoxelMorph's instance-specific optimisation: ``steps`` Adam steps on the network's
+  parameters for this one pair, with the training loss. Returns the tuned parameters."""
+  tx = optax.adam(learning_rate)
+
+  def body(_, carry):
+    params, opt_state = carry
+    grads = jax.grad(_pair_loss, argnums=2)(model, loss_cfg, params, moving, fixed)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, _ = lax.fori_loop(0, steps, body, (params, tx.init(params)))
+  return params
 
 
 def register_scans(model: VxmDense, variables, config, moving, fixed, instance_steps: int = 0,
@@ -66,7 +99,7 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
   padded to the network's multiple, registered, and the displacement is cropped back and
   (after downsampling) resized to the full grid, so outputs live on the fixed scan's grid.
   ``instance_steps > 0`` first fine-tunes the network on this pair with the training loss
-  (VoxelMorph's instance-specific optimisation).
+  (VoxelMorph's instance-specific optimisation). Compiled pieces are cached per shape.
 
   Args:
     moving, fixed: :class:`vmjax.data.Volume` on the same voxel grid.
@@ -77,7 +110,6 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
     ``loss_before``/``loss_after`` (the training loss on this pair, at network resolution) and
     ``variables`` (fine-tuned if ``instance_steps``).
   """
-  from vmjax import train
   if moving.image.shape != fixed.image.shape:
     raise ValueError(f"moving {moving.path} {moving.image.shape} and fixed {fixed.path} "
                      f"{fixed.image.shape} are on different voxel grids; resample the moving "
@@ -88,26 +120,18 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
   x_moving, _ = pad_to_multiple(x_moving, multiple)
   x_fixed, _ = pad_to_multiple(x_fixed, multiple)
   checks.check_pair(x_moving, x_fixed, levels=model.levels)
-  batch = {"moving": x_moving, "fixed": x_fixed}
 
-  loss_fn = jax.jit(lambda params: train.compute_loss(params, model, batch, config.loss)[0])
-  result = {"loss_before": float(loss_fn(variables["params"]))}
+  loss_cfg = pair_loss_config(config)
+  result = {"loss_before": float(pair_loss(model, loss_cfg, variables["params"], x_moving,
+                                           x_fixed))}
   if instance_steps > 0:
-    import optax
-    tx = optax.adam(instance_lr or config.optimizer.learning_rate)
-    params = variables["params"]
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state):
-      grads = jax.grad(lambda p: train.compute_loss(p, model, batch, config.loss)[0])(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    for _ in range(instance_steps):
-      params, opt_state = step(params, opt_state)
+    lr = instance_lr or config.optimizer.learning_rate
+    params = instance_optimise(model, loss_cfg, int(instance_steps), variables["params"],
+                               x_moving, x_fixed, lr)
     variables = {**variables, "params": params}
-  result["loss_after"] = float(loss_fn(variables["params"]))
+    result["loss_after"] = float(pair_loss(model, loss_cfg, params, x_moving, x_fixed))
+  else:
+    result["loss_after"] = result["loss_before"]
   result["variables"] = variables
 
   _, disp = register(model, variables, x_moving, x_fixed)
