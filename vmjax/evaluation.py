@@ -17,12 +17,14 @@ import numpy as np
 # FreeSurfer colour-table names of the labels VoxelMorph and Mindboggle evaluate.
 ASEG_NAMES = {
     2: "Left-Cerebral-White-Matter", 3: "Left-Cerebral-Cortex", 4: "Left-Lateral-Ventricle",
-    5: "Left-Inf-Lat-Vent", 7: "Left-Cerebellum-White-Matter", 8: "Left-Cerebellum-Cortex",
+    5: "Left-Inf-Lat-Vent", 6: "Left-Cerebellum-Exterior", 7: "Left-Cerebellum-White-Matter",
+    8: "Left-Cerebellum-Cortex",
     10: "Left-Thalamus", 11: "Left-Caudate", 12: "Left-Putamen", 13: "Left-Pallidum",
     14: "3rd-Ventricle", 15: "4th-Ventricle", 16: "Brain-Stem", 17: "Left-Hippocampus",
     18: "Left-Amygdala", 24: "CSF", 26: "Left-Accumbens-area", 28: "Left-VentralDC",
     30: "Left-vessel", 31: "Left-choroid-plexus", 41: "Right-Cerebral-White-Matter",
     42: "Right-Cerebral-Cortex", 43: "Right-Lateral-Ventricle", 44: "Right-Inf-Lat-Vent",
+    45: "Right-Cerebellum-Exterior",
     46: "Right-Cerebellum-White-Matter", 47: "Right-Cerebellum-Cortex", 49: "Right-Thalamus",
     50: "Right-Caudate", 51: "Right-Putamen", 52: "Right-Pallidum", 53: "Right-Hippocampus",
     54: "Right-Amygdala", 58: "Right-Accumbens-area", 60: "Right-VentralDC", 62: "Right-vessel",

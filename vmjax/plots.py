@@ -66,30 +66,37 @@ def registration_figure(path: str, moving, fixed, moved, disp, jac_det, title: s
   _save(fig, path)
 
 
-def dice_boxplot(path: str, records: list[dict], labels, structure_name) -> None:
-  """Per-structure Dice (left/right merged) box plots, one colour per method."""
+def dice_boxplot(path: str, records: list[dict], labels, structure_name,
+                 per_row: int = 24) -> None:
+  """Per-structure Dice (left/right merged) box plots, one colour per method, in rows of
+  ``per_row`` structures."""
   plt = _pyplot()
   methods = list(dict.fromkeys(r["method"] for r in records))
   structures = list(dict.fromkeys(structure_name(l) for l in labels))
   index = {s: [i for i, l in enumerate(labels) if structure_name(l) == s] for s in structures}
   colours = plt.get_cmap("tab10")
   width = 0.8 / len(methods)
-  fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(structures) * len(methods)), 5))
-  for m, method in enumerate(methods):
-    rows = [r for r in records if r["method"] == method]
-    values = [np.concatenate([r["dice"][index[s]] for r in rows]) for s in structures]
-    values = [v[np.isfinite(v)] for v in values]
-    positions = np.arange(len(structures)) + (m - (len(methods) - 1) / 2) * width
-    box = ax.boxplot(values, positions=positions, widths=width * 0.9, patch_artist=True,
-                     showfliers=False)
-    for patch in box["boxes"]:
-      patch.set_facecolor(colours(m))
-    ax.plot([], [], color=colours(m), lw=8, label=method)
-  ax.set_xticks(np.arange(len(structures)))
-  ax.set_xticklabels(structures, rotation=90, fontsize=7)
-  ax.set_ylabel("Dice")
-  ax.set_ylim(0, 1)
-  ax.legend()
+  rows = [structures[i:i + per_row] for i in range(0, len(structures), per_row)]
+  fig, axes = plt.subplots(len(rows), 1, figsize=(max(8, 0.6 * min(len(structures), per_row)
+                                                      * max(1, len(methods) / 2)),
+                                                  4.5 * len(rows)), squeeze=False)
+  for ax, names in zip(axes[:, 0], rows):
+    for m, method in enumerate(methods):
+      runs = [r for r in records if r["method"] == method]
+      values = [np.concatenate([r["dice"][index[s]] for r in runs]) for s in names]
+      values = [v[np.isfinite(v)] for v in values]
+      positions = np.arange(len(names)) + (m - (len(methods) - 1) / 2) * width
+      box = ax.boxplot(values, positions=positions, widths=width * 0.9, patch_artist=True,
+                       showfliers=False)
+      for patch in box["boxes"]:
+        patch.set_facecolor(colours(m))
+      ax.plot([], [], color=colours(m), lw=8, label=method)
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+  axes[0, 0].legend(ncol=len(methods), loc="lower left")
   fig.tight_layout()
   _save(fig, path)
 
