@@ -23,6 +23,7 @@ def get_config(arg=None):
   config.model.dec_features = ()
   config.model.int_steps = 0          # > 0: diffeomorphic (scaling and squaring steps)
   config.model.int_downsize = 2       # integrate at 1/int_downsize resolution
+  config.model.remat = False          # recompute conv blocks in the backward pass (less memory)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.image = "ncc"           # "ncc" or "mse"

@@ -1,9 +1,20 @@
-r"""Speed and memory of register() and of one training step, per model variant.
+r"""Speed and memory of register() and of one training step, vmjax against PyTorch.
 
-  python -m experiments.benchmark --shape=80,96,112 --batch=1 --steps=5
+  python -m experiments.benchmark --shapes=80x96x112 --steps=5
+  python -m experiments.benchmark --shapes=80x96x112,160x192x224 --compare=torch,voxelmorph
 
-Each variant runs in a fresh subprocess so its peak resident memory is its own. Times are
-medians over ``--steps`` runs after one warm-up; compile time is reported apart.
+Rows (each in a fresh subprocess, so that its peak resident memory is its own):
+  vmjax <variant> [<conv>]  ``vmjax.register()`` and one jitted train step (loss, grad, Adam);
+                            conv = ``onednn`` (default on CPU) or ``xla`` (XLA's convolution).
+  torch vm2 / vm1           the same architecture and loss in PyTorch, channels-last
+                            (``experiments/torch_reference.py``), ``--compare=torch``.
+  voxelmorph default        the ``voxelmorph`` package's default ``VxmPairwise``
+                            (``--compare=voxelmorph``).
+Times are medians over ``--steps`` runs after one warm-up (compile reported apart). GFLOP/s
+counts the network's convolutions only (forward: 2 * out voxels * 27 * Cin * Cout per conv;
+train step: 3x forward) against f32 GEMM rates measured in the same run (XLA and PyTorch,
+4096^3). Ratios are vmjax / ``torch vm2`` on the same shape. PyTorch uses all cores
+(``torch.set_num_threads(os.cpu_count())``) like XLA.
 """
 
 import json
@@ -18,15 +29,39 @@ from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("shape", "80,96,112", "Spatial shape D,H,W (each divisible by 16).")
+flags.DEFINE_list("shapes", ["80x96x112"], "Spatial shapes DxHxW (each divisible by 16).")
 flags.DEFINE_integer("batch", 1, "Pairs per call.")
 flags.DEFINE_integer("steps", 5, "Timed repetitions (after one warm-up).")
-flags.DEFINE_list("variants", ["vm1", "vm2", "diffeomorphic"], "Model variants to time.")
-flags.DEFINE_bool("train", True, "Also time a training step (value_and_grad + Adam).")
-flags.DEFINE_string("child", None, "Internal: run one variant and print JSON.")
+flags.DEFINE_list("variants", ["vm1", "vm2", "diffeomorphic"], "vmjax model variants.")
+flags.DEFINE_list("conv", ["onednn"], "vmjax CPU convolution paths to time: onednn, xla.")
+flags.DEFINE_list("compare", [], "Also time: torch (same architecture), voxelmorph (official).")
+flags.DEFINE_bool("train", True, "Also time a training step.")
+flags.DEFINE_bool("remat", False, "vmjax train step with rematerialised conv blocks.")
+flags.DEFINE_string("child", None, "Internal: run one row and print JSON.")
 
 CONFIG_ARGS = {"vm1": "variant=vm1", "vm2": "variant=vm2",
                "diffeomorphic": "variant=vm2,int_steps=7,bidir=True"}
+FEATURES = {"vm1": ((16, 32, 32, 32), (32, 32, 32, 32, 8, 8)),
+            "vm2": ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))}
+
+
+def conv_gflop(variant, shape, batch=1):
+  """Forward convolution GFLOP of vmjax's U-Net + flow conv (as networks.Unet builds it)."""
+  enc, dec = FEATURES["vm1" if variant == "vm1" else "vm2"]
+  voxels = batch * shape[0] * shape[1] * shape[2]
+  flops, channels, skips = 0, 2, [2]
+  for level, f in enumerate(enc, start=1):
+    flops += 2 * voxels / 8 ** level * 27 * channels * f
+    channels = f
+    skips.append(f)
+  skips.pop()
+  for i, f in enumerate(dec[:len(enc)]):
+    flops += 2 * voxels / 8 ** (len(enc) - i) * 27 * channels * f
+    channels = f + skips.pop()
+  for f in list(dec[len(enc):]) + [3]:
+    flops += 2 * voxels * 27 * channels * f
+    channels = f
+  return flops / 1e9
 
 
 def _median_time(fn, steps):
@@ -39,27 +74,38 @@ def _median_time(fn, steps):
   return times[len(times) // 2]
 
 
-def run_variant(variant, shape, batch, steps, with_train):
+def _peak_rss_gib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat):
+  if conv_path == "xla":
+    os.environ["VMJAX_CONV"] = "xla"
   import jax
   import numpy as np
   import vmjax
   from configs import default
+  from vmjax import conv
   from vmjax import train
 
   config = default.get_config(CONFIG_ARGS[variant])
+  config.model.remat = remat
   model = train.model_from_config(config.model)
   rng = np.random.default_rng(0)
   moving, fixed = (jax.numpy.asarray(rng.uniform(size=(batch, *shape, 1)), "float32")
                    for _ in range(2))
   variables = vmjax.init_variables(model, jax.random.PRNGKey(0), shape)
-  result = {"variant": variant, "params": vmjax.count_params(variables["params"])}
+  on_cpu = jax.default_backend() == "cpu"
+  result = {"impl": "vmjax", "model": variant,
+            "conv": (("onednn" if conv.onednn_available() else "xla") if on_cpu
+                     else f"xla ({jax.default_backend()})") + (" remat" if remat else ""),
+            "params": vmjax.count_params(variables["params"])}
 
   start = time.perf_counter()
   jax.block_until_ready(vmjax.register(model, variables, moving, fixed))
   result["register_compile_s"] = time.perf_counter() - start
   result["register_s"] = _median_time(
       lambda: jax.block_until_ready(vmjax.register(model, variables, moving, fixed)), steps)
-
   if with_train:
     state = train.create_train_state(config, jax.random.PRNGKey(0), shape)
     step = jax.jit(train.make_train_step(config, axis_name=None), donate_argnums=(0,))
@@ -74,41 +120,158 @@ def run_variant(variant, shape, batch, steps, with_train):
       holder[0], m = step(holder[0], batch_arrays)
       jax.block_until_ready(m)
     result["train_step_s"] = _median_time(one_step, steps)
-  # ru_maxrss is in KiB on Linux.
-  result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  result["peak_rss_gib"] = _peak_rss_gib()
   return result
+
+
+def run_torch(model_name, shape, batch, steps, with_train):
+  import torch
+  from experiments import torch_reference as ref
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if model_name == "default":
+    if any(n % ref.OFFICIAL_MULTIPLE for n in shape):
+      raise ValueError(f"the voxelmorph default model needs sizes divisible by "
+                       f"{ref.OFFICIAL_MULTIPLE}; {shape} is not")
+    model, impl = ref.official_vxm(), "voxelmorph"
+  else:
+    model, impl = ref.TorchVxm(ref.VM1 if model_name == "vm1" else ref.VM2), "torch"
+  memory_format = torch.channels_last_3d
+  model = model.to(device=device, memory_format=memory_format)
+  moving, fixed = (torch.rand(batch, 1, *shape, device=device).contiguous(
+      memory_format=memory_format) for _ in range(2))
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  result = {"impl": impl, "model": model_name, "conv": f"torch {torch.__version__} ({device})",
+            "params": ref.count_params(model)}
+
+  def register():
+    with torch.inference_mode():
+      disp = model(moving, fixed)
+      disp = disp[0] if isinstance(disp, (tuple, list)) else disp
+      ref.warp(moving, disp)
+    sync()
+
+  start = time.perf_counter()
+  register()
+  result["register_compile_s"] = time.perf_counter() - start
+  result["register_s"] = _median_time(register, steps)
+  if with_train:
+    step = ref.train_step_fn(model)
+
+    def one_step():
+      step(moving, fixed)
+      sync()
+    start = time.perf_counter()
+    one_step()
+    result["train_compile_s"] = time.perf_counter() - start
+    result["train_step_s"] = _median_time(one_step, steps)
+  result["peak_rss_gib"] = _peak_rss_gib()
+  return result
+
+
+def run_gemm(steps):
+  """f32 4096^3 matrix product rate, XLA and PyTorch (if installed; its GPU if it has one)."""
+  import jax
+  import numpy as np
+  n = 4096
+  a = jax.numpy.asarray(np.random.default_rng(0).standard_normal((n, n)), "float32")
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  rates = {"xla": 2 * n ** 3 / _median_time(
+      lambda: jax.block_until_ready(matmul(a)), steps) / 1e9}
+  try:
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t = torch.randn(n, n, device=device)
+    torch.mm(t, t)
+    sync()
+
+    def product():
+      torch.mm(t, t)
+      sync()
+    rates["torch"] = 2 * n ** 3 / _median_time(product, steps) / 1e9
+  except ImportError:
+    pass
+  return rates
+
+
+def _child(spec, shape):
+  kind, *rest = spec.split(":")
+  if kind == "vmjax":
+    return run_vmjax(rest[0], rest[1], shape, FLAGS.batch, FLAGS.steps, FLAGS.train,
+                     FLAGS.remat)
+  if kind == "gemm":
+    return run_gemm(FLAGS.steps)
+  return run_torch(rest[0], shape, FLAGS.batch, FLAGS.steps, FLAGS.train)
+
+
+def _run_child(spec, shape_text):
+  cmd = [sys.executable, "-m", "experiments.benchmark", f"--child={spec}",
+         f"--shapes={shape_text}", f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
+         f"--train={FLAGS.train}", f"--remat={FLAGS.remat}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    print(f"{spec} {shape_text}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}",
+          flush=True)
+    return None
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _parse_shape(text):
+  return tuple(int(n) for n in text.replace(",", "x").split("x"))
 
 
 def main(argv):
   del argv
-  shape = tuple(int(n) for n in FLAGS.shape.replace("x", ",").split(","))
   if FLAGS.child:
-    print("RESULT " + json.dumps(run_variant(FLAGS.child, shape, FLAGS.batch, FLAGS.steps,
-                                             FLAGS.train)))
+    shape = _parse_shape(FLAGS.shapes[0])
+    print("RESULT " + json.dumps(_child(FLAGS.child, shape)), flush=True)
     return
   import jax
-  print(f"vmjax benchmark: shape {shape}, batch {FLAGS.batch}, median of {FLAGS.steps}; "
-        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-  rows = []
-  for variant in FLAGS.variants:
-    cmd = [sys.executable, "-m", "experiments.benchmark", f"--child={variant}",
-           f"--shape={FLAGS.shape}", f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
-           f"--train={FLAGS.train}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-      print(f"{variant}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}")
-      continue
-    rows.append(json.loads(lines[-1][len("RESULT "):]))
-  header = ("variant", "params", "register s", "compile s", "train step s", "compile s",
-            "peak RSS GiB")
-  print("| " + " | ".join(header) + " |")
-  print("|" + "---|" * len(header))
-  for r in rows:
-    print(f"| {r['variant']} | {r['params']:,} | {r['register_s']:.3f} | "
-          f"{r['register_compile_s']:.1f} | {r.get('train_step_s', float('nan')):.3f} | "
-          f"{r.get('train_compile_s', float('nan')):.1f} | {r['peak_rss_gib']:.2f} |")
+  device = jax.devices()[0]
+  print(f"vmjax benchmark: batch {FLAGS.batch}, median of {FLAGS.steps} after a warm-up; "
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind}); "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
+  specs = [f"vmjax:{v}:{c}" for v in FLAGS.variants for c in FLAGS.conv]
+  if "torch" in FLAGS.compare:
+    specs += ["torch:vm2", "torch:vm1"]
+  if "voxelmorph" in FLAGS.compare:
+    specs += ["voxelmorph:default"]
+  gemm = _run_child("gemm", FLAGS.shapes[0]) or {}
+  print("f32 GEMM 4096^3: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()),
+        flush=True)
+  header = ("shape", "impl", "model", "conv", "params", "register s", "compile s",
+            "register GFLOP/s", "train step s", "compile s", "train GFLOP/s", "peak RSS GiB",
+            "register / torch vm2", "train / torch vm2")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for shape_text in FLAGS.shapes:
+    shape = _parse_shape(shape_text)
+    rows = [r for r in (_run_child(spec, shape_text) for spec in specs) if r]
+    torch_vm2 = next((r for r in rows if r["impl"] == "torch" and r["model"] == "vm2"), None)
+    for r in rows:
+      gflop = conv_gflop(r["model"], shape, FLAGS.batch) if r["impl"] != "voxelmorph" else None
+      train_s = r.get("train_step_s", float("nan"))
+      reg_rate = f"{gflop / r['register_s']:.0f}" if gflop else "—"
+      train_rate = f"{3 * gflop / train_s:.0f}" if gflop else "—"
+
+      def ratio(key, r=r):
+        if not torch_vm2 or r["impl"] != "vmjax" or r["model"] == "vm1":
+          return "—"
+        return f"{r.get(key, float('nan')) / torch_vm2.get(key, float('nan')):.2f}"
+      lines.append(
+          f"| {shape_text} | {r['impl']} | {r['model']} | {r['conv']} | {r['params']:,} | "
+          f"{r['register_s']:.3f} | {r['register_compile_s']:.1f} | "
+          f"{reg_rate} | {train_s:.3f} | "
+          f"{r.get('train_compile_s', float('nan')):.1f} | "
+          f"{train_rate} | {r['peak_rss_gib']:.2f} | "
+          f"{ratio('register_s')} | {ratio('train_step_s')} |")
+      print(lines[-1], flush=True)
+  print("\n".join(lines))
 
 
 if __name__ == "__main__":

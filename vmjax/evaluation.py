@@ -9,9 +9,12 @@ measured the same way on the same pairs.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import time
 from typing import Callable
 
+from absl import logging
 import numpy as np
 
 # FreeSurfer colour-table names of the labels VoxelMorph and Mindboggle evaluate.
@@ -160,6 +163,10 @@ def ants_syn_method(type_of_transform: str = "SyN") -> Callable:
       count, fraction = folding_stats(det)
     else:
       count, fraction = 0, 0.0
+    for path in set(reg["fwdtransforms"]) | set(reg["invtransforms"]):
+      # antspyx leaves its transform files in the temp dir: remove them (only those).
+      if os.path.isfile(path) and os.path.dirname(os.path.abspath(path)) == tempfile.gettempdir():
+        os.unlink(path)
     return Outcome(reg["warpedmovout"].numpy(), np.rint(moved_seg).astype(np.int32), None,
                    count, fraction, seconds)
 
@@ -179,6 +186,9 @@ def evaluate_methods(methods: dict, pairs, labels) -> list[dict]:
       raise ValueError(f"pair {p} ({moving.path} -> {fixed.path}) has no labels to evaluate")
     for name, method in methods.items():
       outcome = method(moving, fixed)
+      logging.info("pair %d/%d %s: %s %.1f s (+ %.1f s compile)", p + 1, len(pairs),
+                   os.path.basename(os.path.dirname(moving.path or "")) or moving.path, name,
+                   outcome.seconds, outcome.compile_seconds)
       records.append({"method": name, "pair": p, "moving": moving.path, "fixed": fixed.path,
                       "dice": dice_per_label(outcome.moved_seg, fixed.seg, labels),
                       "folding_count": outcome.folding_count,

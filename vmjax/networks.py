@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from vmjax import checks
+from vmjax import conv
 from vmjax import transforms
 
 VM1_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 8, 8))
@@ -16,10 +18,38 @@ VM2_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
 VARIANTS = {"vm1": VM1_FEATURES, "vm2": VM2_FEATURES}
 
 
-def _conv(features: int, stride: int, dtype: Any, name: str, **kwargs) -> nn.Conv:
-  # Explicit padding 1 (as VoxelMorph's PyTorch code): a stride-2 conv is centred on even voxels.
-  return nn.Conv(features, (3, 3, 3), strides=(stride,) * 3, padding=((1, 1),) * 3,
-                 dtype=dtype, name=name, **kwargs)
+class ConvBlock(nn.Module):
+  """3x3x3 convolution + bias (+ LeakyReLU 0.2), ``(B, D, H, W, Cin) -> (B, D', H', W', features)``.
+
+  The parameters are those of ``nn.Conv(features, (3, 3, 3))`` (``kernel`` ``(3, 3, 3, Cin,
+  features)``, ``bias``), with explicit padding 1 as VoxelMorph's PyTorch code (a stride-2 conv is
+  centred on even voxels). The convolution is :func:`vmjax.conv.conv_general_dilated` (oneDNN on
+  CPU, XLA's elsewhere). ``remat`` recomputes the block in the backward pass instead of keeping
+  its pre-activation (less memory at full resolution for one more convolution).
+  """
+  features: int
+  stride: int = 1
+  activation: bool = True
+  remat: bool = False
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+
+    def block(x, kernel, bias):
+      y = conv.conv_general_dilated(
+          x, kernel.astype(self.dtype), (self.stride,) * 3, ((1, 1),) * 3,
+          dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + bias.astype(self.dtype)
+      return nn.leaky_relu(y, 0.2) if self.activation else y
+
+    if self.remat:
+      block = jax.checkpoint(block)
+    return block(x.astype(self.dtype), kernel, bias)
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
@@ -43,23 +73,25 @@ class Unet(nn.Module):
   enc_features: Sequence[int] = VM2_FEATURES[0]
   dec_features: Sequence[int] = VM2_FEATURES[1]
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    block = functools.partial(ConvBlock, dtype=self.dtype, remat=self.remat)
     levels = len(self.enc_features)
     if len(self.dec_features) < levels:
       raise ValueError(f"dec_features {tuple(self.dec_features)} needs at least "
                        f"len(enc_features)={levels} entries")
     skips = [x]
     for i, features in enumerate(self.enc_features):
-      x = nn.leaky_relu(_conv(features, 2, self.dtype, f"enc_{i}")(x), 0.2)
+      x = block(features, stride=2, name=f"enc_{i}")(x)
       skips.append(x)
     skips.pop()  # the coarsest activation feeds the decoder directly
     for i, features in enumerate(self.dec_features[:levels]):
-      x = nn.leaky_relu(_conv(features, 1, self.dtype, f"dec_{i}")(x), 0.2)
+      x = block(features, name=f"dec_{i}")(x)
       x = jnp.concatenate([_upsample2(x), skips.pop().astype(x.dtype)], axis=-1)
     for i, features in enumerate(self.dec_features[levels:]):
-      x = nn.leaky_relu(_conv(features, 1, self.dtype, f"full_{i}")(x), 0.2)
+      x = block(features, name=f"full_{i}")(x)
     return x
 
 
@@ -78,12 +110,15 @@ class VxmDense(nn.Module):
     int_downsize: with ``int_steps > 0``, integrate at ``1/int_downsize`` resolution and resize
       the result back (VoxelMorph's default 2).
     dtype: computation dtype of the convolutions (parameters stay float32).
+    remat: rematerialise each conv block in the backward pass (training memory; no change in
+      the result).
   """
   enc_features: Sequence[int] = VM2_FEATURES[0]
   dec_features: Sequence[int] = VM2_FEATURES[1]
   int_steps: int = 0
   int_downsize: int = 2
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @property
   def levels(self) -> int:
@@ -105,10 +140,9 @@ class VxmDense(nn.Module):
     """
     checks.check_pair(moving, fixed, levels=self.levels, check_finite=False)
     x = jnp.concatenate([moving, fixed], axis=-1).astype(self.dtype)
-    x = Unet(self.enc_features, self.dec_features, self.dtype, name="unet")(x)
-    flow = nn.Conv(3, (3, 3, 3), padding=((1, 1),) * 3, dtype=self.dtype, name="flow",
-                   kernel_init=nn.initializers.normal(1e-5),
-                   bias_init=nn.initializers.zeros)(x).astype(jnp.float32)
+    x = Unet(self.enc_features, self.dec_features, self.dtype, self.remat, name="unet")(x)
+    flow = ConvBlock(3, activation=False, dtype=self.dtype, name="flow",
+                     kernel_init=nn.initializers.normal(1e-5))(x).astype(jnp.float32)
     if self.int_steps == 0:
       out = {"disp": flow, "velocity": flow}
       if bidir:

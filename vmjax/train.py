@@ -49,7 +49,8 @@ def model_from_config(model_cfg) -> networks.VxmDense:
   if not enc or not dec:
     raise ValueError("config.model: set variant ('vm1'/'vm2') or enc_features and dec_features")
   return networks.VxmDense(enc_features=enc, dec_features=dec, int_steps=model_cfg.int_steps,
-                           int_downsize=model_cfg.int_downsize)
+                           int_downsize=model_cfg.int_downsize,
+                           remat=model_cfg.get("remat", False))
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:

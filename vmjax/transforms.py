@@ -10,6 +10,9 @@ Conventions (used throughout vmjax):
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import jax
 import jax.numpy as jnp
 from jax.scipy import ndimage
@@ -27,6 +30,97 @@ def _warp_one(volume: jax.Array, coords: jax.Array, order: int, mode: str) -> ja
   """Resamples one single-channel volume ``(D, H, W)`` at ``coords`` ``(D, H, W, 3)``."""
   return ndimage.map_coordinates(volume, [coords[..., i] for i in range(3)], order=order,
                                  mode=mode)
+
+
+_CORNERS = tuple(itertools.product((0, 1), repeat=3))
+
+
+def _corners(coords: jax.Array, spatial_shape, mode: str):
+  """The 8 trilinear neighbours of ``coords`` ``(B, D, H, W, 3)``, per axis (fuses well).
+
+  Yields ``(flat_index (B, M), valid (B, M, 1), factors, signs)`` per corner (``M = D*H*W``):
+  ``factors`` are the three per-axis weights ``(B, M, 1)`` whose product is the corner's weight,
+  ``signs[a]`` the sign of d(factor_a)/d(coord_a). ``mode="nearest"`` clamps indices to the
+  volume; ``"constant"`` marks corners outside it invalid (zero contribution), as
+  ``map_coordinates`` does.
+  """
+  b = coords.shape[0]
+  axes = []
+  for a, n in enumerate(spatial_shape):
+    p = coords[..., a].reshape(b, -1, 1)
+    lower = jnp.floor(p)
+    frac = p - lower
+    lower = lower.astype(jnp.int32)
+    per_offset = []
+    for offset in (0, 1):
+      index = lower + offset
+      valid = (index >= 0) & (index < n)
+      per_offset.append((jnp.clip(index, 0, n - 1), valid, frac if offset else 1.0 - frac))
+    axes.append(per_offset)
+  for corner in _CORNERS:
+    (i0, v0, f0), (i1, v1, f1), (i2, v2, f2) = (axes[a][o] for a, o in enumerate(corner))
+    flat = ((i0 * spatial_shape[1] + i1) * spatial_shape[2] + i2)[..., 0]
+    valid = (v0 & v1 & v2).astype(jnp.float32) if mode == "constant" else 1.0
+    signs = tuple(1.0 if o else -1.0 for o in corner)
+    yield flat, valid, (f0, f1, f2), signs
+
+
+def _gather(volume_flat: jax.Array, flat: jax.Array) -> jax.Array:
+  """``(B, N, C)`` rows at ``(B, M)`` indices -> ``(B, M, C)`` (one gather over B*N rows)."""
+  b, n, c = volume_flat.shape
+  rows = flat + (jnp.arange(b, dtype=flat.dtype) * n)[:, None]
+  if c == 1:  # scalar gather: markedly faster than gathering 1-wide rows on CPU
+    return volume_flat.reshape(-1)[rows][..., None]
+  return volume_flat.reshape(b * n, c)[rows]
+
+
+def _scatter_add(acc: jax.Array, flat: jax.Array, updates: jax.Array) -> jax.Array:
+  """``acc`` ``(B, N, C)`` plus ``updates`` ``(B, M, C)`` added at rows ``flat`` ``(B, M)``."""
+  b, n, c = acc.shape
+  rows = flat + (jnp.arange(b, dtype=flat.dtype) * n)[:, None]
+  return acc.reshape(b * n, c).at[rows].add(updates).reshape(b, n, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _trilinear(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
+  """Trilinear samples of ``image`` ``(B, D, H, W, C)`` at ``coords`` ``(B, D, H, W, 3)``, f32.
+
+  Same values as ``map_coordinates(order=1)``; a hand-written VJP keeps the coordinate gradient a
+  gather (the image's finite differences at the sample points) and leaves the image gradient's
+  scatter-add to be pruned by XLA when the image is a constant (the moving scan in training).
+  """
+  b, c = image.shape[0], image.shape[-1]
+  values = image.reshape(b, -1, c).astype(jnp.float32)
+  out = 0.0
+  for flat, valid, (f0, f1, f2), _ in _corners(coords, image.shape[1:4], mode):
+    out = out + (f0 * f1 * f2 * valid) * _gather(values, flat)
+  return out.reshape(image.shape[:4] + (c,))
+
+
+def _trilinear_fwd(image, coords, mode):
+  return _trilinear(image, coords, mode), (image, coords)
+
+
+def _trilinear_bwd(mode, residuals, g):
+  image, coords = residuals
+  b, c = image.shape[0], image.shape[-1]
+  values = image.reshape(b, -1, c).astype(jnp.float32)
+  g = g.reshape(b, -1, c).astype(jnp.float32)
+  d_image = jnp.zeros_like(values)
+  d_coords = [0.0, 0.0, 0.0]
+  for flat, valid, (f0, f1, f2), (s0, s1, s2) in _corners(coords, image.shape[1:4], mode):
+    d_image = _scatter_add(d_image, flat, (f0 * f1 * f2 * valid) * g)
+    g_dot_v = jnp.sum(g * _gather(values, flat), axis=-1, keepdims=True) * valid  # (B, M, 1)
+    # d weight / d coord_a = sign_a * the product of the other two factors.
+    d_coords[0] = d_coords[0] + g_dot_v * (s0 * f1 * f2)
+    d_coords[1] = d_coords[1] + g_dot_v * (s1 * f0 * f2)
+    d_coords[2] = d_coords[2] + g_dot_v * (s2 * f0 * f1)
+  d_coords = jnp.concatenate(d_coords, axis=-1)
+  return (d_image.reshape(image.shape).astype(image.dtype),
+          d_coords.reshape(coords.shape).astype(coords.dtype))
+
+
+_trilinear.defvjp(_trilinear_fwd, _trilinear_bwd)
 
 
 def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "constant") -> jax.Array:
@@ -55,6 +149,9 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "constan
   if mode not in _MODES:
     raise ValueError(f"warp: mode must be one of {_MODES}, got {mode!r}")
   coords = identity_grid(image.shape[1:4]) + disp.astype(jnp.float32)
+  if order == 1 and mode in ("constant", "nearest") and jnp.issubdtype(image.dtype,
+                                                                      jnp.floating):
+    return _trilinear(image, coords, mode).astype(image.dtype)
   # vmap over channels (last axis of image), then over the batch.
   per_channel = jax.vmap(_warp_one, in_axes=(-1, None, None, None), out_axes=-1)
   per_batch = jax.vmap(per_channel, in_axes=(0, 0, None, None))

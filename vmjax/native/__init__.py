@@ -1,0 +1,1 @@
+"""Native CPU kernels (C++ sources built on first use; see ``vmjax/conv.py``)."""

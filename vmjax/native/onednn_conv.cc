@@ -1,0 +1,248 @@
+// 3-D convolution on the CPU through oneDNN, exposed to XLA as FFI custom calls.
+//
+// Layouts are JAX's channels-last ones, row-major:
+//   x  (N, D, H, W, Ci)  "ndhwc"      activations (input)
+//   w  (KD, KH, KW, Ci, Co) "dhwio"   kernel
+//   y  (N, Do, Ho, Wo, Co) "ndhwc"    output
+// Attributes: strides, pad_lo, pad_hi (3 each, int64). No dilation, no groups: the Python side
+// routes only such convolutions here (vmjax/conv.py) and everything else to lax.
+//
+// Three handlers: forward (y = x * w), backward data (dx from dy) and backward weights (dw from
+// x, dy). oneDNN picks the kernel (brgemm/AMX on Sapphire Rapids) and the weights' internal
+// layout; weights are reordered from/to dhwio on each call (tiny next to the convolution).
+// Primitives are cached per shape so a training loop builds each one once. XLA may run
+// independent custom calls on several threads at once: executions are serialised (each one
+// already uses every core through OpenMP) and share one user-managed scratchpad.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Geometry {
+  memory::dims x, w, y, strides, pad_lo, pad_hi;  // oneDNN order: N C D H W / O I D H W
+  bool operator<(const Geometry& o) const {
+    return std::tie(x, w, y, strides, pad_lo, pad_hi) <
+           std::tie(o.x, o.w, o.y, o.strides, o.pad_lo, o.pad_hi);
+  }
+};
+
+ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
+                        ffi::Span<const int64_t> y_dims, ffi::Span<const int64_t> strides,
+                        ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
+                        Geometry* g) {
+  if (x_dims.size() != 5 || w_dims.size() != 5 || y_dims.size() != 5)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax onednn conv: rank must be 5");
+  if (strides.size() != 3 || pad_lo.size() != 3 || pad_hi.size() != 3)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax onednn conv: strides/pad_lo/pad_hi need 3 entries");
+  if (w_dims[3] != x_dims[4] || w_dims[4] != y_dims[4] || x_dims[0] != y_dims[0])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax onednn conv: shape mismatch");
+  g->x = {x_dims[0], x_dims[4], x_dims[1], x_dims[2], x_dims[3]};
+  g->w = {w_dims[4], w_dims[3], w_dims[0], w_dims[1], w_dims[2]};
+  g->y = {y_dims[0], y_dims[4], y_dims[1], y_dims[2], y_dims[3]};
+  g->strides = {strides[0], strides[1], strides[2]};
+  g->pad_lo = {pad_lo[0], pad_lo[1], pad_lo[2]};
+  g->pad_hi = {pad_hi[0], pad_hi[1], pad_hi[2]};
+  return ffi::Error::Success();
+}
+
+// Everything one geometry needs, built once.
+struct Plan {
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_w_pd;
+  dnnl::convolution_backward_weights bwd_w;
+  memory::desc x_md, w_md, y_md;  // user layouts
+};
+
+std::unique_ptr<Plan> MakePlan(const Geometry& g) {
+  auto plan = std::make_unique<Plan>();
+  dnnl::engine& eng = Engine();
+  plan->x_md = memory::desc(g.x, dt::f32, tag::ndhwc);
+  plan->w_md = memory::desc(g.w, dt::f32, tag::dhwio);
+  plan->y_md = memory::desc(g.y, dt::f32, tag::ndhwc);
+  memory::desc w_any(g.w, dt::f32, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  plan->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, plan->x_md,
+      w_any, plan->y_md, g.strides, g.pad_lo, g.pad_hi, attr);
+  plan->fwd = dnnl::convolution_forward(plan->fwd_pd);
+  plan->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+      eng, dnnl::algorithm::convolution_direct, plan->x_md, w_any, plan->y_md, g.strides,
+      g.pad_lo, g.pad_hi, plan->fwd_pd, attr);
+  plan->bwd_data = dnnl::convolution_backward_data(plan->bwd_data_pd);
+  plan->bwd_w_pd = dnnl::convolution_backward_weights::primitive_desc(
+      eng, dnnl::algorithm::convolution_direct, plan->x_md, w_any, plan->y_md, g.strides,
+      g.pad_lo, g.pad_hi, plan->fwd_pd, attr);
+  plan->bwd_w = dnnl::convolution_backward_weights(plan->bwd_w_pd);
+  return plan;
+}
+
+std::mutex& ExecutionMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+// Caller holds ExecutionMutex().
+Plan* GetPlan(const Geometry& g) {
+  static std::map<Geometry, std::unique_ptr<Plan>> plans;
+  auto it = plans.find(g);
+  if (it == plans.end()) it = plans.emplace(g, MakePlan(g)).first;
+  return it->second.get();
+}
+
+// Runs `body` and turns oneDNN exceptions into FFI errors.
+template <typename F>
+ffi::Error Guard(F body) {
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("vmjax onednn conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+void* Ptr(const void* p) { return const_cast<void*>(p); }
+
+// Caller holds ExecutionMutex().
+memory Scratchpad(const memory::desc& md) {
+  static std::vector<char> buffer;
+  if (buffer.size() < md.get_size()) buffer.resize(md.get_size());
+  return memory(md, Engine(), buffer.data());
+}
+
+ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+  Geometry g;
+  if (auto err = ReadGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, pad_lo,
+                              pad_hi, &g);
+      !err.success())
+    return err;
+  return Guard([&] {
+    std::lock_guard<std::mutex> lock(ExecutionMutex());
+    Plan* p = GetPlan(g);
+    dnnl::engine& eng = Engine();
+    dnnl::stream s(eng);
+    memory x_mem(p->x_md, eng, Ptr(x.typed_data()));
+    memory w_user(p->w_md, eng, Ptr(w.typed_data()));
+    memory y_mem(p->y_md, eng, y->typed_data());
+    memory w_mem = w_user;
+    if (p->fwd_pd.weights_desc() != p->w_md) {
+      w_mem = memory(p->fwd_pd.weights_desc(), eng);
+      dnnl::reorder(w_user, w_mem).execute(s, w_user, w_mem);
+    }
+    p->fwd.execute(s, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_WEIGHTS, w_mem}, {DNNL_ARG_DST, y_mem},
+                       {DNNL_ARG_SCRATCHPAD, Scratchpad(p->fwd_pd.scratchpad_desc())}});
+    s.wait();
+  });
+}
+
+ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                            ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
+                            ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+  Geometry g;
+  if (auto err = ReadGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides,
+                              pad_lo, pad_hi, &g);
+      !err.success())
+    return err;
+  return Guard([&] {
+    std::lock_guard<std::mutex> lock(ExecutionMutex());
+    Plan* p = GetPlan(g);
+    dnnl::engine& eng = Engine();
+    dnnl::stream s(eng);
+    memory dy_mem(p->y_md, eng, Ptr(dy.typed_data()));
+    memory w_user(p->w_md, eng, Ptr(w.typed_data()));
+    memory dx_mem(p->x_md, eng, dx->typed_data());
+    memory w_mem = w_user;
+    if (p->bwd_data_pd.weights_desc() != p->w_md) {
+      w_mem = memory(p->bwd_data_pd.weights_desc(), eng);
+      dnnl::reorder(w_user, w_mem).execute(s, w_user, w_mem);
+    }
+    p->bwd_data.execute(
+        s, {{DNNL_ARG_DIFF_DST, dy_mem}, {DNNL_ARG_WEIGHTS, w_mem}, {DNNL_ARG_DIFF_SRC, dx_mem},
+           {DNNL_ARG_SCRATCHPAD, Scratchpad(p->bwd_data_pd.scratchpad_desc())}});
+    s.wait();
+  });
+}
+
+ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> strides,
+                               ffi::Span<const int64_t> pad_lo,
+                               ffi::Span<const int64_t> pad_hi) {
+  Geometry g;
+  if (auto err = ReadGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides,
+                              pad_lo, pad_hi, &g);
+      !err.success())
+    return err;
+  return Guard([&] {
+    std::lock_guard<std::mutex> lock(ExecutionMutex());
+    Plan* p = GetPlan(g);
+    dnnl::engine& eng = Engine();
+    dnnl::stream s(eng);
+    memory x_mem(p->x_md, eng, Ptr(x.typed_data()));
+    memory dy_mem(p->y_md, eng, Ptr(dy.typed_data()));
+    memory dw_user(p->w_md, eng, dw->typed_data());
+    bool reorder = p->bwd_w_pd.diff_weights_desc() != p->w_md;
+    memory dw_mem = reorder ? memory(p->bwd_w_pd.diff_weights_desc(), eng) : dw_user;
+    p->bwd_w.execute(
+        s, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_DIFF_DST, dy_mem}, {DNNL_ARG_DIFF_WEIGHTS, dw_mem},
+           {DNNL_ARG_SCRATCHPAD, Scratchpad(p->bwd_w_pd.scratchpad_desc())}});
+    if (reorder) dnnl::reorder(dw_mem, dw_user).execute(s, dw_mem, dw_user);
+    s.wait();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvForward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvBackwardData, ConvBackwardData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvBackwardWeights, ConvBackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
