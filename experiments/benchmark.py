@@ -34,7 +34,8 @@ flags.DEFINE_integer("batch", 1, "Pairs per call.")
 flags.DEFINE_integer("steps", 5, "Timed repetitions (after one warm-up).")
 flags.DEFINE_list("variants", ["vm1", "vm2", "diffeomorphic"], "vmjax model variants.")
 flags.DEFINE_list("conv", ["onednn"], "vmjax CPU convolution paths to time: onednn, xla.")
-flags.DEFINE_list("compare", [], "Also time: torch (same architecture), voxelmorph (official).")
+flags.DEFINE_list("compare", [], "Also time: torch (same architecture), voxelmorph (official), "
+                  "conv (one 34->32 3x3x3 conv: XLA vs oneDNN).")
 flags.DEFINE_bool("train", True, "Also time a training step.")
 flags.DEFINE_bool("remat", False, "vmjax train step with rematerialised conv blocks.")
 flags.DEFINE_string("child", None, "Internal: run one row and print JSON.")
@@ -106,6 +107,7 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat):
   result["register_compile_s"] = time.perf_counter() - start
   result["register_s"] = _median_time(
       lambda: jax.block_until_ready(vmjax.register(model, variables, moving, fixed)), steps)
+  result["register_peak_rss_gib"] = _peak_rss_gib()
   if with_train:
     state = train.create_train_state(config, jax.random.PRNGKey(0), shape)
     step = jax.jit(train.make_train_step(config, axis_name=None), donate_argnums=(0,))
@@ -199,8 +201,38 @@ def run_gemm(steps):
   return rates
 
 
+def run_single_conv(shape, steps):
+  """One 3x3x3 conv, 34 -> 32 channels (VM-2's first full-resolution decoder conv): XLA's
+  convolution vs the oneDNN path, forward and forward + backward, seconds and GFLOP/s."""
+  import jax
+  from jax import lax
+  import jax.numpy as jnp
+  import numpy as np
+  from vmjax import conv
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, *shape, 34)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 34, 32)) * 0.05, jnp.float32)
+  flop = 2 * np.prod(shape) * 27 * 34 * 32
+  dn = ("NDHWC", "DHWIO", "NDHWC")
+  out = {}
+  for name, fn in (("xla", lax.conv_general_dilated), ("onednn", conv.conv_general_dilated)):
+    if name == "onednn" and not conv.onednn_available():
+      continue
+    f = lambda x, w, fn=fn: fn(x, w, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=dn)
+    forward = jax.jit(f)
+    both = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+    for label, g, mult in (("fwd", forward, 1), ("fwd+bwd", both, 3)):
+      jax.block_until_ready(g(x, w))
+      t = _median_time(lambda g=g: jax.block_until_ready(g(x, w)), steps)
+      out[f"{name} {label}"] = (t, mult * flop / t / 1e9)
+  return out
+
+
 def _child(spec, shape):
   kind, *rest = spec.split(":")
+  if kind == "conv":
+    return run_single_conv(shape, FLAGS.steps)
   if kind == "vmjax":
     return run_vmjax(rest[0], rest[1], shape, FLAGS.batch, FLAGS.steps, FLAGS.train,
                      FLAGS.remat)
@@ -245,13 +277,23 @@ def main(argv):
   gemm = _run_child("gemm", FLAGS.shapes[0]) or {}
   print("f32 GEMM 4096^3: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()),
         flush=True)
+  if "conv" in FLAGS.compare:
+    for shape_text in FLAGS.shapes:
+      for key, (t, rate) in (_run_child("conv", shape_text) or {}).items():
+        print(f"single conv 34->32 at {shape_text}, {key}: {t:.3f} s, {rate:.0f} GFLOP/s",
+              flush=True)
   header = ("shape", "impl", "model", "conv", "params", "register s", "compile s",
             "register GFLOP/s", "train step s", "compile s", "train GFLOP/s", "peak RSS GiB",
             "register / torch vm2", "train / torch vm2")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for shape_text in FLAGS.shapes:
     shape = _parse_shape(shape_text)
-    rows = [r for r in (_run_child(spec, shape_text) for spec in specs) if r]
+    shape_specs = specs
+    if any(n % 32 for n in shape) and "voxelmorph:default" in specs:
+      print(f"voxelmorph default model skipped at {shape_text}: its U-Net needs sizes "
+            "divisible by 32", flush=True)
+      shape_specs = [s for s in specs if s != "voxelmorph:default"]
+    rows = [r for r in (_run_child(spec, shape_text) for spec in shape_specs) if r]
     torch_vm2 = next((r for r in rows if r["impl"] == "torch" and r["model"] == "vm2"), None)
     for r in rows:
       gflop = conv_gflop(r["model"], shape, FLAGS.batch) if r["impl"] != "voxelmorph" else None

@@ -126,6 +126,7 @@ def test_remat_changes_memory_not_results():
   np.testing.assert_allclose(value_r, value, rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(grads_r), jax.tree_util.tree_leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
-  # remat really is in the program: the forward pass holds checkpointed blocks.
+  # remat is in the traced program (whether a compiler keeps the recomputation is its call:
+  # XLA:GPU does, XLA:CPU merges it back; see vmjax.conv.conv_block).
   assert "remat" in str(jax.make_jaxpr(lambda v: loss(remat, v))(variables))
   assert "remat" not in str(jax.make_jaxpr(lambda v: loss(plain, v))(variables))

@@ -169,6 +169,30 @@ def _bwd(strides, padding, residuals, dy):
 onednn_conv3d.defvjp(_fwd, _bwd)
 
 
+def _leaky_relu(y, slope):
+  return y if slope is None else jnp.where(y >= 0, y, slope * y)
+
+
+def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, strides: Sequence[int],
+               padding: Sequence[tuple[int, int]], negative_slope: float | None = None,
+               remat: bool = False) -> jax.Array:
+  """``leaky_relu(conv(x, w) + b, negative_slope)`` (no activation when ``None``), channels-last.
+
+  ``remat=True`` wraps the block in ``jax.checkpoint``: the backward pass recomputes it instead
+  of keeping its pre-activation. Measured for a VM-2 train step at 160x192x224: on an H100 the
+  compiled temp memory drops 5.87 -> 5.32 GiB (+22% time); XLA:CPU merges the recomputation back
+  into the forward pass (no saving; the step needs 7.0 GiB peak RSS either way).
+  """
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+
+  def plain(x, w, b):
+    y = conv_general_dilated(x, w, strides, padding, dimension_numbers=_NDHWC)
+    return _leaky_relu(y + b.astype(y.dtype), negative_slope)
+
+  return (jax.checkpoint(plain) if remat else plain)(x, w, b)
+
+
 def _is_channels_last_3d(dimension_numbers, ndim) -> bool:
   if ndim != 5:
     return False

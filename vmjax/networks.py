@@ -24,8 +24,8 @@ class ConvBlock(nn.Module):
   The parameters are those of ``nn.Conv(features, (3, 3, 3))`` (``kernel`` ``(3, 3, 3, Cin,
   features)``, ``bias``), with explicit padding 1 as VoxelMorph's PyTorch code (a stride-2 conv is
   centred on even voxels). The convolution is :func:`vmjax.conv.conv_general_dilated` (oneDNN on
-  CPU, XLA's elsewhere). ``remat`` recomputes the block in the backward pass instead of keeping
-  its pre-activation (less memory at full resolution for one more convolution).
+  CPU, XLA's elsewhere). ``remat``: ``jax.checkpoint`` per block (see
+  :func:`vmjax.conv.conv_block` for what it saves where).
   """
   features: int
   stride: int = 1
@@ -41,15 +41,9 @@ class ConvBlock(nn.Module):
                         jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
 
-    def block(x, kernel, bias):
-      y = conv.conv_general_dilated(
-          x, kernel.astype(self.dtype), (self.stride,) * 3, ((1, 1),) * 3,
-          dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + bias.astype(self.dtype)
-      return nn.leaky_relu(y, 0.2) if self.activation else y
-
-    if self.remat:
-      block = jax.checkpoint(block)
-    return block(x.astype(self.dtype), kernel, bias)
+    return conv.conv_block(x.astype(self.dtype), kernel.astype(self.dtype),
+                           bias.astype(self.dtype), (self.stride,) * 3, ((1, 1),) * 3,
+                           0.2 if self.activation else None, self.remat)
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
