@@ -122,3 +122,32 @@ def test_network_same_output_and_gradient_on_both_paths():
   np.testing.assert_allclose(fast_out, ref_out, rtol=1e-4, atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(fast_grad), jax.tree_util.tree_leaves(ref_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * float(jnp.max(jnp.abs(b))) + 1e-9)
+
+
+def test_without_a_compiler_falls_back_to_xla_with_one_warning(tmp_path):
+  """A machine that cannot build the kernel (here: a compiler that fails) still runs: one
+  warning, XLA's convolution, the same result."""
+  import os
+  import subprocess
+  import sys
+  script = (
+      "import numpy as np, jax, jax.numpy as jnp\n"
+      "from jax import lax\n"
+      "from vmjax import conv\n"
+      "x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 6, 2)), jnp.float32)\n"
+      "w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 2, 3)), jnp.float32)\n"
+      "dn = ('NDHWC', 'DHWIO', 'NDHWC')\n"
+      "out = conv.conv_general_dilated(x, w, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=dn)\n"
+      "ref = lax.conv_general_dilated(x, w, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=dn)\n"
+      "assert not conv.onednn_available()\n"
+      "np.testing.assert_array_equal(out, ref)\n"
+      "print('FALLBACK OK')\n")
+  env = dict(os.environ, CXX="false", VMJAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "FALLBACK OK" in proc.stdout
+  assert proc.stderr.count("oneDNN convolution unavailable") == 1
+  assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
