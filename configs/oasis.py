@@ -31,6 +31,9 @@ def get_config(arg=None):
   config.data.downsample = 2
   config.augment.deform_std = 1.0  # mild: 11 subjects are few
   config.augment.gamma_std = 0.05
+  # 1e-3 rather than the paper's 1e-4: 11 subjects, 20k steps (val Dice 0.573 after 20k steps,
+  # 0.526 after 500, on one H100).
+  config.optimizer.learning_rate = 1e-3
   config.num_steps = 20_000
   config.log_every = 20
   config.eval_every = 200

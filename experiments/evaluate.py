@@ -44,7 +44,8 @@ flags.DEFINE_string("labels", None, "Labels: .txt or comma list; default VoxelMo
 flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants_syn"],
                   "Methods to compare.")
 flags.DEFINE_integer("instance_steps", 50, "Steps for vmjax_instance.")
-flags.DEFINE_float("instance_lr", None, "Its learning rate (default: the training one).")
+flags.DEFINE_float("instance_lr", None,
+                   "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
 flags.mark_flags_as_required(["outdir"])
 
 
@@ -134,8 +135,13 @@ def write_outputs(records, labels, summary, pairs):
     moving, fixed = pairs[0]
     plots.registration_figure(os.path.join(FLAGS.outdir, f"fig4_{r['method']}.png"),
                               moving.image, fixed.image, out.moved, out.disp, det,
-                              title=f"{r['method']}: {os.path.basename(moving.path)} -> "
-                                    f"{os.path.basename(fixed.path)}")
+                              title=f"{r['method']}: {_short(moving.path)} -> {_short(fixed.path)}")
+
+
+def _short(path: str) -> str:
+  """``subject/t1.nii.gz``: the file and its folder (scans often share one file name)."""
+  return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                      os.path.basename(path))
 
 
 def main(argv):

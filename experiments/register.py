@@ -32,7 +32,8 @@ flags.DEFINE_string("warp", None, "Output: the displacement field (D, H, W, 3), 
 flags.DEFINE_string("moving_seg", None, "Optional labels of the moving scan.")
 flags.DEFINE_string("moved_seg", None, "Output: the labels warped (nearest neighbour).")
 flags.DEFINE_integer("instance_steps", 0, "Test-time optimisation steps on this pair.")
-flags.DEFINE_float("instance_lr", None, "Its learning rate (default: the training one).")
+flags.DEFINE_float("instance_lr", None,
+                   "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
 flags.mark_flags_as_required(["moving", "fixed"])
 
 

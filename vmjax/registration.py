@@ -91,6 +91,12 @@ def instance_optimise(model: VxmDense, loss_cfg, steps: int, params, moving: jax
   return params
 
 
+# Adam's step size for instance optimisation unless given. Measured on OASIS-TRT-20 13-15 -> 1
+# (VM-2 trained at lr 1e-3, 10 steps): Dice 0.568 without, 0.577 at 1e-4, 0.542 at 1e-3 (the
+# training lr overshoots on a single pair).
+INSTANCE_LR = 1e-4
+
+
 def register_scans(model: VxmDense, variables, config, moving, fixed, instance_steps: int = 0,
                    instance_lr: float | None = None) -> dict:
   """Registers two scans of any size on the same grid, as trained.
@@ -99,7 +105,8 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
   padded to the network's multiple, registered, and the displacement is cropped back and
   (after downsampling) resized to the full grid, so outputs live on the fixed scan's grid.
   ``instance_steps > 0`` first fine-tunes the network on this pair with the training loss
-  (VoxelMorph's instance-specific optimisation). Compiled pieces are cached per shape.
+  (VoxelMorph's instance-specific optimisation; Adam, ``instance_lr``, default
+  ``INSTANCE_LR``). Compiled pieces are cached per shape.
 
   Args:
     moving, fixed: :class:`vmjax.data.Volume` on the same voxel grid.
@@ -125,7 +132,7 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
   result = {"loss_before": float(pair_loss(model, loss_cfg, variables["params"], x_moving,
                                            x_fixed))}
   if instance_steps > 0:
-    lr = instance_lr or config.optimizer.learning_rate
+    lr = instance_lr or INSTANCE_LR
     params = instance_optimise(model, loss_cfg, int(instance_steps), variables["params"],
                                x_moving, x_fixed, lr)
     variables = {**variables, "params": params}

@@ -15,6 +15,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.scipy import ndimage
 
 _MODES = ("constant", "nearest", "wrap", "mirror", "reflect")
@@ -74,6 +75,15 @@ def _gather(volume_flat: jax.Array, flat: jax.Array) -> jax.Array:
   return volume_flat.reshape(b * n, c)[rows]
 
 
+def _channel_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``sum(a * b, axis=-1, keepdims=True)`` for ``(B, M, C)``: XLA:CPU reduces a short minor
+  axis inside a gather fusion ~20x slower than this unrolled sum (0.59 vs 0.026 s, C=3, 1M)."""
+  c = a.shape[-1]
+  if c <= 8:
+    return sum(a[..., i:i + 1] * b[..., i:i + 1] for i in range(c))
+  return jnp.einsum("bmc,bmc->bm", a, b)[..., None]
+
+
 def _scatter_add(acc: jax.Array, flat: jax.Array, updates: jax.Array) -> jax.Array:
   """``acc`` ``(B, N, C)`` plus ``updates`` ``(B, M, C)`` added at rows ``flat`` ``(B, M)``."""
   b, n, c = acc.shape
@@ -110,7 +120,7 @@ def _trilinear_bwd(mode, residuals, g):
   d_coords = [0.0, 0.0, 0.0]
   for flat, valid, (f0, f1, f2), (s0, s1, s2) in _corners(coords, image.shape[1:4], mode):
     d_image = _scatter_add(d_image, flat, (f0 * f1 * f2 * valid) * g)
-    g_dot_v = jnp.sum(g * _gather(values, flat), axis=-1, keepdims=True) * valid  # (B, M, 1)
+    g_dot_v = _channel_dot(g, _gather(values, flat)) * valid  # (B, M, 1)
     # d weight / d coord_a = sign_a * the product of the other two factors.
     d_coords[0] = d_coords[0] + g_dot_v * (s0 * f1 * f2)
     d_coords[1] = d_coords[1] + g_dot_v * (s1 * f0 * f2)
@@ -189,10 +199,9 @@ def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
   """
   if steps < 0:
     raise ValueError(f"integrate_velocity: steps must be >= 0, got {steps}")
-  disp = velocity / (2.0 ** steps)
-  for _ in range(steps):
-    disp = compose(disp, disp)
-  return disp
+  # A loop, not unrolled: XLA:CPU compiles 7 unrolled compositions into code ~100x slower than
+  # 7 runs of the one body (80x96x112: 11.4 s vs 0.10 s).
+  return lax.fori_loop(0, steps, lambda _, disp: compose(disp, disp), velocity / (2.0 ** steps))
 
 
 def resize_field(disp: jax.Array, spatial_shape) -> jax.Array:
