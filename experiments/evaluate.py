@@ -135,13 +135,8 @@ def write_outputs(records, labels, summary, pairs):
     moving, fixed = pairs[0]
     plots.registration_figure(os.path.join(FLAGS.outdir, f"fig4_{r['method']}.png"),
                               moving.image, fixed.image, out.moved, out.disp, det,
-                              title=f"{r['method']}: {_short(moving.path)} -> {_short(fixed.path)}")
-
-
-def _short(path: str) -> str:
-  """``subject/t1.nii.gz``: the file and its folder (scans often share one file name)."""
-  return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
-                      os.path.basename(path))
+                              title=f"{r['method']}: {evaluation.scan_name(moving.path)} -> "
+                                    f"{evaluation.scan_name(fixed.path)}")
 
 
 def main(argv):

@@ -52,6 +52,15 @@ VOXELMORPH_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 
                      46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
 
 
+def scan_name(path: str | None) -> str:
+  """``folder/file`` of a scan's path: short, and tells apart scans that share a file name
+  (every OASIS scan is ``t1.nii.gz``)."""
+  if not path:
+    return str(path)
+  return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                      os.path.basename(path))
+
+
 def label_name(label: int) -> str:
   return LABEL_NAMES.get(int(label), f"label-{int(label)}")
 
@@ -184,8 +193,7 @@ def evaluate_methods(methods: dict, pairs, labels) -> list[dict]:
     for name, method in methods.items():
       outcome = method(moving, fixed)
       logging.info("pair %d/%d %s: %s %.1f s (+ %.1f s compile)", p + 1, len(pairs),
-                   os.path.basename(os.path.dirname(moving.path or "")) or moving.path, name,
-                   outcome.seconds, outcome.compile_seconds)
+                   scan_name(moving.path), name, outcome.seconds, outcome.compile_seconds)
       records.append({"method": name, "pair": p, "moving": moving.path, "fixed": fixed.path,
                       "dice": dice_per_label(outcome.moved_seg, fixed.seg, labels),
                       "folding_count": outcome.folding_count,
