@@ -47,7 +47,7 @@ def get_config(arg=None):
   config.data.val_seed = 12345        # their seed (separate from training's)
   config.data.seg_replace = ("t1", "labels")  # NIfTI labels: image file name with this swap
   config.data.labels = ""             # evaluation labels: list, "2,3,4", or a .txt; "" = all
-  config.data.normalize = "percentile"  # "percentile" / "minmax" / "none"
+  config.data.normalize = "percentile"  # "percentile" / "foreground" / "minmax" / "none"
   config.data.downsample = 1          # integer downsampling factor
   config.data.shape = ()              # centre crop/pad to this (D, H, W) after downsampling
 

@@ -42,13 +42,12 @@ flags.DEFINE_string("child", None, "Internal: run one row and print JSON.")
 
 CONFIG_ARGS = {"vm1": "variant=vm1", "vm2": "variant=vm2",
                "diffeomorphic": "variant=vm2,int_steps=7,bidir=True"}
-FEATURES = {"vm1": ((16, 32, 32, 32), (32, 32, 32, 32, 8, 8)),
-            "vm2": ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))}
 
 
 def conv_gflop(variant, shape, batch=1):
   """Forward convolution GFLOP of vmjax's U-Net + flow conv (as networks.Unet builds it)."""
-  enc, dec = FEATURES["vm1" if variant == "vm1" else "vm2"]
+  from vmjax import networks  # each row's child process imports jax itself, after its settings
+  enc, dec = networks.variant_features("vm1" if variant == "vm1" else "vm2")
   voxels = batch * shape[0] * shape[1] * shape[2]
   flops, channels, skips = 0, 2, [2]
   for level, f in enumerate(enc, start=1):
@@ -87,11 +86,12 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat):
   import vmjax
   from configs import default
   from vmjax import conv
+  from vmjax import networks
   from vmjax import train
 
   config = default.get_config(CONFIG_ARGS[variant])
   config.model.remat = remat
-  model = train.model_from_config(config.model)
+  model = networks.model_from_config(config.model)
   rng = np.random.default_rng(0)
   moving, fixed = (jax.numpy.asarray(rng.uniform(size=(batch, *shape, 1)), "float32")
                    for _ in range(2))
@@ -129,6 +129,7 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat):
 def run_torch(model_name, shape, batch, steps, with_train):
   import torch
   from experiments import torch_reference as ref
+  from vmjax import networks
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
@@ -139,7 +140,7 @@ def run_torch(model_name, shape, batch, steps, with_train):
                        f"{ref.OFFICIAL_MULTIPLE}; {shape} is not")
     model, impl = ref.official_vxm(), "voxelmorph"
   else:
-    model, impl = ref.TorchVxm(ref.VM1 if model_name == "vm1" else ref.VM2), "torch"
+    model, impl = ref.TorchVxm(networks.variant_features(model_name)), "torch"
   memory_format = torch.channels_last_3d
   model = model.to(device=device, memory_format=memory_format)
   moving, fixed = (torch.rand(batch, 1, *shape, device=device).contiguous(

@@ -1,10 +1,17 @@
 r"""Evaluates registration methods side by side on the same labelled pairs.
 
 Atlas protocol (subjects -> atlas, e.g. OASIS-TRT-20 subjects 13-15 -> subject 1):
-  python -m experiments.evaluate --workdir=runs/oasis --outdir=eval/oasis \
+  python -m experiments.evaluate --outdir=eval/oasis \
       --moving=../shared/data/oasis_trt20/OASIS-TRT-20-1[345]/t1.nii.gz \
       --fixed=../shared/data/oasis_trt20/OASIS-TRT-20-1/t1.nii.gz \
-      --labels=../shared/data/oasis_trt20/labels.txt --methods=identity,vmjax,vmjax_instance,ants_syn
+      --labels=../shared/data/oasis_trt20/labels.txt \
+      --methods=identity,vmjax,vmjax_instance,ants:SyN,ants:SyNCC,ants:antsRegistrationSyN[s]
+Native protocol (the same subjects as acquired: any grids, the affine step included):
+  python -m experiments.evaluate --outdir=eval/native \
+      --moving=../shared/data/oasis_trt20_native/OASIS-TRT-20-1[345]/t1.nii.gz \
+      --fixed=../shared/data/oasis_trt20_native/OASIS-TRT-20-1/t1.nii.gz \
+      --labels=../shared/data/oasis_trt20/labels.txt \
+      --methods=identity,vmjax_affine,vmjax_native,ants:Affine,ants:SyN,ants:antsRegistrationSyN[s]
 Synthetic protocol (random smooth diffeomorphic deformations of one scan, fixed = the scan):
   python -m experiments.evaluate --workdir=runs/x --synthetic=../shared/data/test_scan.npz \
       --num_pairs=5 --outdir=eval/synthetic
@@ -22,14 +29,25 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 
+from vmjax import augment
 from vmjax import checkpoints
+from vmjax import checks
 from vmjax import data
 from vmjax import evaluation
+from vmjax import io
+from vmjax import metrics
+from vmjax import plots
+from vmjax import pretrained
+from vmjax.atomic import atomic_path
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Trained vmjax workdir (or a checkpoint directory).")
+flags.DEFINE_string("workdir", None, "Trained vmjax workdir (or a checkpoint directory); default: "
+                    "the shipped pretrained model.")
+flags.DEFINE_string("model", pretrained.DEFAULT, "Shipped pretrained model (without --workdir).")
+flags.DEFINE_bool("best", False, "With --workdir: its checkpoint with the best validation Dice.")
 flags.DEFINE_string("outdir", None, "Where to write results.csv, summary.json and figures.")
 flags.DEFINE_string("moving", None, "Moving scans: glob, directory, .txt list, comma-separated.")
 flags.DEFINE_string("fixed", None, "The fixed scan (atlas) with labels.")
@@ -41,8 +59,11 @@ flags.DEFINE_float("deform_std", 4.0, "Synthetic velocity std in voxels at contr
 flags.DEFINE_float("deform_spacing", 32.0, "Synthetic control-point spacing in voxels.")
 flags.DEFINE_list("seg_replace", ["t1", "labels"], "NIfTI label file-name swap (old,new).")
 flags.DEFINE_string("labels", None, "Labels: .txt or comma list; default VoxelMorph's 30.")
-flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants_syn"],
-                  "Methods to compare.")
+flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants:SyN"],
+                  "Methods to compare: identity, vmjax, vmjax_instance (pairs on one grid), "
+                  "vmjax_native / vmjax_affine (the whole path from any grids / its affine step "
+                  "alone), ants:PRESET (ants:Affine, ants:SyN, ants:SyNCC, "
+                  "ants:antsRegistrationSyN[s], ...; cached per pair in OUTDIR/cache).")
 flags.DEFINE_integer("instance_steps", 50, "Steps for vmjax_instance.")
 flags.DEFINE_float("instance_lr", None,
                    "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
@@ -51,8 +72,8 @@ flags.mark_flags_as_required(["outdir"])
 
 def load_pairs():
   seg_replace = tuple(FLAGS.seg_replace) if FLAGS.seg_replace else None
-  load = lambda spec, what: [data.load_volume(i, s)
-                             for i, s in data.resolve_sources(spec, seg_replace, what)]
+  load = lambda spec, what: [io.load_volume(i, s)
+                             for i, s in io.resolve_sources(spec, seg_replace, what)]
   chosen = [bool(FLAGS.moving), bool(FLAGS.pairs), bool(FLAGS.synthetic)]
   if sum(chosen) != 1:
     raise app.UsageError("give exactly one of --moving (with --fixed), --pairs, --synthetic")
@@ -66,24 +87,28 @@ def load_pairs():
     if len(scans) < 2:
       raise app.UsageError("--pairs needs at least two scans")
     return [(scans[i], scans[(i + 1) % len(scans)]) for i in range(len(scans))]
-  import ml_collections
   scan = load(FLAGS.synthetic, "--synthetic")[0]
   if scan.seg is None:
-    raise data.DataError(f"--synthetic scan {scan.path} has no labels")
+    raise checks.DataError(f"--synthetic scan {scan.path} has no labels")
   cfg = ml_collections.ConfigDict(dict(deform_std=FLAGS.deform_std,
                                        deform_spacing=FLAGS.deform_spacing, gamma_std=0.0,
                                        bias_std=0.0, noise_std=0.0))
-  return data.synthetic_pairs(scan, FLAGS.num_pairs, FLAGS.seed, cfg)
+  return augment.synthetic_pairs(scan, FLAGS.num_pairs, FLAGS.seed, cfg)
 
 
 def build_methods():
   methods, notes = {}, {}
-  needs_model = {"vmjax", "vmjax_instance"} & set(FLAGS.methods)
+  needs_model = {"vmjax", "vmjax_instance", "vmjax_native", "vmjax_affine"} & set(FLAGS.methods)
   if needs_model:
-    if not FLAGS.workdir:
-      raise app.UsageError(f"methods {sorted(needs_model)} need --workdir")
-    model, variables, config = checkpoints.load_trained(FLAGS.workdir)
+    if FLAGS.workdir:
+      model, variables, config = checkpoints.load_trained(FLAGS.workdir, best=FLAGS.best)
+      space = None
+    else:
+      model, variables, config = pretrained.load(FLAGS.model)
+      space = pretrained.space(FLAGS.model)
   for name in FLAGS.methods:
+    preset = name.split(":", 1)[1] if name.startswith("ants:") else (
+        "SyN" if name == "ants_syn" else None)
     if name == "identity":
       methods[name] = evaluation.identity_method
     elif name == "vmjax":
@@ -91,40 +116,44 @@ def build_methods():
     elif name == "vmjax_instance":
       methods[name] = evaluation.vmjax_method(model, variables, config, FLAGS.instance_steps,
                                               FLAGS.instance_lr)
-    elif name == "ants_syn":
+    elif name in ("vmjax_native", "vmjax_affine"):
+      if space is None:
+        raise app.UsageError(f"{name} needs a model with a template space (the shipped "
+                             "pretrained models: leave out --workdir)")
+      methods[name] = evaluation.vmjax_pipeline_method(model, variables, config, space,
+                                                       deformable=name == "vmjax_native")
+    elif preset is not None:
+      if preset not in evaluation.ANTS_PRESETS:
+        raise app.UsageError(f"unknown ANTs preset {preset!r} (one of "
+                             f"{', '.join(evaluation.ANTS_PRESETS)})")
       if evaluation.ants_available():
-        methods[name] = evaluation.ants_syn_method()
+        methods[name] = evaluation.ants_method(preset, os.path.join(FLAGS.outdir, "cache"))
       else:
         notes[name] = ("skipped: antspyx is not installed "
                        "(pip install -r requirements-ants.txt)")
-        logging.warning("ants_syn %s", notes[name])
+        logging.warning("%s %s", name, notes[name])
     else:
       raise app.UsageError(f"unknown method {name!r}")
   return methods, notes
 
 
 def write_outputs(records, labels, summary, pairs):
-  os.makedirs(FLAGS.outdir, exist_ok=True)
   rows = [{"method": r["method"], "pair": r["pair"], "moving": r["moving"], "fixed": r["fixed"],
            "label": label, "structure": evaluation.label_name(label), "dice": r["dice"][i],
            "folding_fraction": r["folding_fraction"], "folding_count": r["folding_count"],
            "seconds": r["seconds"]} for r in records for i, label in enumerate(labels)]
-  tmp = os.path.join(FLAGS.outdir, ".results.csv.tmp")
-  with open(tmp, "w", newline="") as f:
+  with atomic_path(os.path.join(FLAGS.outdir, "results.csv")) as tmp, \
+      open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(tmp, os.path.join(FLAGS.outdir, "results.csv"))
-  tmp = os.path.join(FLAGS.outdir, ".summary.json.tmp")
-  with open(tmp, "w") as f:
+  with atomic_path(os.path.join(FLAGS.outdir, "summary.json")) as tmp, open(tmp, "w") as f:
     json.dump(summary, f, indent=2)
-  os.replace(tmp, os.path.join(FLAGS.outdir, "summary.json"))
   try:
     import matplotlib  # noqa: F401
   except ImportError:
     logging.warning("matplotlib not installed: no figures (pip install -r requirements-demo.txt)")
     return
-  from vmjax import metrics, plots
   plots.dice_boxplot(os.path.join(FLAGS.outdir, "fig5_dice.png"), records, labels,
                      evaluation.structure_name)
   for r in records:
@@ -164,5 +193,10 @@ def main(argv):
   print(f"results in {os.path.abspath(FLAGS.outdir)}")
 
 
-if __name__ == "__main__":
+def entry_point():
+  """``vmjax-evaluate`` (installed command)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  entry_point()

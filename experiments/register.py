@@ -1,11 +1,17 @@
-r"""Registers a moving scan to a fixed scan with a trained model.
+r"""Registers a moving scan to a fixed scan: the shipped pretrained model unless a workdir is given.
 
-  python -m experiments.register --workdir=runs/oasis --moving=m.nii.gz --fixed=f.nii.gz \
-      --moved=moved.nii.gz --warp=warp.nii.gz --moving_seg=m_seg.nii.gz --moved_seg=ms.nii.gz
+  python -m experiments.register --moving=m.nii.gz --fixed=f.nii.gz --moved=moved.nii.gz \
+      --warp=warp.nii.gz --moving_seg=m_seg.nii.gz --moved_seg=ms.nii.gz [--warp_ants=w.nii.gz]
+  python -m experiments.register --workdir=runs/oasis --affine=none ...   # scans already aligned
 
-Inputs: .nii / .nii.gz / .npz on the same voxel grid (affinely aligned), any size. Outputs keep
-the fixed scan's affine and header; the warp is (D, H, W, 3) float32 displacements in voxels of
-that grid, moved(x) = moving(x + warp(x)).
+Inputs: .nii / .nii.gz / .mgz / .npz, each on its own grid (any orientation, spacing, size).
+With ``--affine=affine`` (the default) both scans are aligned to the model's template (rigid,
+then affine), registered there, and every output is on the fixed scan's grid with its header:
+``--moved``, ``--moved_seg`` (nearest neighbour), ``--warp`` ((D, H, W, 3) float32: the moving
+voxel each fixed voxel samples, minus its own index: moved(x) = moving(x + warp(x))) and
+``--warp_ants`` (the same map as an ITK/ANTs displacement field: 5-D, vector intent, LPS mm,
+for ``antsApplyTransforms -t``). ``--affine=none`` registers scans already on one grid.
+Errors (bad input, missing model) are one line on stderr and exit code 1; nothing is written.
 """
 
 import os
@@ -17,58 +23,90 @@ from absl import logging
 import jax
 import numpy as np
 
+from vmjax import ants_io
 from vmjax import checkpoints
-from vmjax import data
+from vmjax import cli
 from vmjax import io
-from vmjax import registration
+from vmjax import pipeline
+from vmjax import pretrained
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (its newest readable checkpoint).")
+flags.DEFINE_string("workdir", None, "Training workdir (its newest readable checkpoint); default: "
+                    "the shipped pretrained model.")
 flags.DEFINE_string("checkpoint", None, "Or one checkpoint directory: WORKDIR/checkpoints/STEP.")
+flags.DEFINE_bool("best", False, "With --workdir: its checkpoint with the best validation Dice.")
+flags.DEFINE_string("model", pretrained.DEFAULT, "Shipped pretrained model (without --workdir).")
 flags.DEFINE_string("moving", None, "Moving scan.")
 flags.DEFINE_string("fixed", None, "Fixed scan.")
-flags.DEFINE_string("moved", None, "Output: the moving scan warped onto the fixed grid.")
-flags.DEFINE_string("warp", None, "Output: the displacement field (D, H, W, 3), voxels.")
+flags.DEFINE_string("moved", None, "Output: the moving scan on the fixed grid.")
+flags.DEFINE_string("warp", None, "Output: displacement (D, H, W, 3) in voxels of the fixed grid.")
+flags.DEFINE_string("warp_ants", None, "Output: the same transform as an ANTs/ITK displacement "
+                    "field (LPS mm; antsApplyTransforms reads it).")
 flags.DEFINE_string("moving_seg", None, "Optional labels of the moving scan.")
 flags.DEFINE_string("moved_seg", None, "Output: the labels warped (nearest neighbour).")
+flags.DEFINE_enum("affine", "affine", ["affine", "none"],
+                  "affine: align both scans to the model's template first (any grids); none: "
+                  "the scans are already aligned on one grid.")
 flags.DEFINE_integer("instance_steps", 0, "Test-time optimisation steps on this pair.")
 flags.DEFINE_float("instance_lr", None,
                    "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
 flags.mark_flags_as_required(["moving", "fixed"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError("give exactly one of --workdir and --checkpoint")
-  if FLAGS.moved_seg and not FLAGS.moving_seg:
-    raise app.UsageError("--moved_seg needs --moving_seg")
-  if not (FLAGS.moved or FLAGS.warp or FLAGS.moved_seg):
-    raise app.UsageError("nothing to write: give --moved, --warp and/or --moved_seg")
-  logging.set_verbosity(logging.INFO)
-  moving = data.load_volume(FLAGS.moving, FLAGS.moving_seg)
-  fixed = data.load_volume(FLAGS.fixed)
-  if not np.allclose(moving.affine, fixed.affine, atol=1e-3):
-    logging.warning("moving and fixed affines differ; outputs use the fixed scan's:\n%s\n%s",
-                    moving.affine, fixed.affine)
-  model, variables, config = checkpoints.load_trained(FLAGS.workdir or FLAGS.checkpoint)
+def load_model():
+  """``(model, variables, config, space)``; ``space`` is None for a workdir's model."""
+  if FLAGS.workdir or FLAGS.checkpoint:
+    model, variables, config = checkpoints.load_trained(FLAGS.workdir or FLAGS.checkpoint,
+                                                        best=FLAGS.best)
+    return model, variables, config, None
+  return (*pretrained.load(FLAGS.model), pretrained.space(FLAGS.model))
+
+
+def run():
+  moving = io.load_volume(FLAGS.moving, FLAGS.moving_seg)
+  fixed = io.load_volume(FLAGS.fixed)
+  model, variables, config, space = load_model()
+  if FLAGS.affine == "affine" and space is None:
+    raise app.UsageError("--affine=affine needs a model with a template (the shipped pretrained "
+                         "models); with --workdir use --affine=none on aligned scans")
   start = time.perf_counter()
-  result = registration.register_scans(model, variables, config, moving, fixed,
-                                       FLAGS.instance_steps, FLAGS.instance_lr)
+  result = pipeline.register_pair(model, variables, config, moving, fixed, space, FLAGS.affine,
+                                  FLAGS.instance_steps, FLAGS.instance_lr)
   jax.block_until_ready(result["disp"])
   logging.info("registered in %.2f s (compile included); loss %.5f -> %.5f%s",
                time.perf_counter() - start, result["loss_before"], result["loss_after"],
                f" after {FLAGS.instance_steps} instance steps" if FLAGS.instance_steps else "")
-  outputs = {FLAGS.moved: np.asarray(result["moved"], np.float32),
-             FLAGS.warp: np.asarray(result["disp"], np.float32)}
+  disp = np.asarray(result["disp"], np.float32)
+  outputs = {FLAGS.moved: (np.asarray(result["moved"], np.float32), "vol"),
+             FLAGS.warp: (disp, "vol")}
   if FLAGS.moved_seg:
-    outputs[FLAGS.moved_seg] = np.asarray(result["moved_seg"]).astype(np.int32)
-  for path, array in outputs.items():
+    outputs[FLAGS.moved_seg] = (np.asarray(result["moved_seg"]).astype(np.int32), "seg")
+  for path, (array, key) in outputs.items():
     if path:
-      io.save_volume(path, array, like=fixed, key="seg" if path == FLAGS.moved_seg else "vol")
+      io.save_volume(path, array, like=fixed, key=key)
       logging.info("wrote %s", os.path.abspath(path))
+  if FLAGS.warp_ants:
+    ants_io.save_ants_warp(FLAGS.warp_ants, disp, fixed, moving)
+    logging.info("wrote %s (ANTs/ITK displacement field)", os.path.abspath(FLAGS.warp_ants))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  if FLAGS.workdir and FLAGS.checkpoint:
+    raise app.UsageError("give at most one of --workdir and --checkpoint")
+  if FLAGS.moved_seg and not FLAGS.moving_seg:
+    raise app.UsageError("--moved_seg needs --moving_seg")
+  if not (FLAGS.moved or FLAGS.warp or FLAGS.moved_seg or FLAGS.warp_ants):
+    raise app.UsageError("nothing to write: give --moved, --warp, --warp_ants and/or --moved_seg")
+  logging.set_verbosity(logging.INFO)
+  cli.run_reporting_errors("vmjax-register", run)
+
+
+def entry_point():
+  """``vmjax-register`` (installed command)."""
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry_point()

@@ -11,14 +11,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-VM2 = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
-VM1 = ((16, 32, 32, 32), (32, 32, 32, 32, 8, 8))
+from vmjax.networks import VM2_FEATURES
 
 
 class TorchVxm(nn.Module):
   """vmjax's VxmDense (non-diffeomorphic) in PyTorch, NCDHW tensors."""
 
-  def __init__(self, features=VM2, in_channels=2):
+  def __init__(self, features=VM2_FEATURES, in_channels=2):
     super().__init__()
     enc, dec = features
     self.levels = len(enc)

@@ -28,5 +28,10 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def entry_point():
+  """``vmjax-train`` (installed command)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  entry_point()

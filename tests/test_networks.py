@@ -1,11 +1,14 @@
 """The VoxelMorph U-Net: parameter counts, shapes, initialisation, diffeomorphic mode."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import vmjax
+from vmjax import losses
+from vmjax import networks
 
 
 def conv_params(cin, cout):
@@ -92,8 +95,6 @@ def test_network_rejects_indivisible_shape():
 def test_conv_block_equals_flax_conv():
   """ConvBlock has nn.Conv's parameters (same names, shapes, init) and computes the same
   convolution (+ LeakyReLU 0.2), with stride 1 and 2."""
-  import flax.linen as nn
-  from vmjax import networks
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 10, 12, 3)), jnp.float32)
   for stride in (1, 2):
     ref = nn.Conv(5, (3, 3, 3), strides=(stride,) * 3, padding=((1, 1),) * 3)
@@ -109,7 +110,6 @@ def test_conv_block_equals_flax_conv():
 
 def test_remat_changes_memory_not_results():
   """model.remat recomputes conv blocks in the backward pass: same loss and gradients."""
-  from vmjax import losses
   shape = (16, 16, 16)
   rng = np.random.default_rng(1)
   moving = jnp.asarray(rng.random((1, *shape, 1)), jnp.float32)

@@ -1,6 +1,5 @@
 """Training: pmap equivalence, learning, exact resume, checkpoint robustness, preemption."""
 
-import logging
 import os
 import pathlib
 import signal
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
 from helpers import SHAPE, smooth_field, textured_volume, tiny_config, write_subjects
 import vmjax
 from vmjax import checkpoints
@@ -117,43 +115,6 @@ def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path):
   assert any('"train/loss"' in l for l in lines) and any('"val/dice"' in l for l in lines)
 
 
-def test_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
-  config = tiny_config()
-  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
-  manager = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
-  manager.save(1, state)
-  later = state.replace(step=jnp.asarray(2, jnp.int32),
-                        params=jax.tree_util.tree_map(lambda p: p + 1.0, state.params))
-  manager.save(2, later)
-  manager.wait_until_finished()
-  # Damage every data file of step 2 (truncate to half).
-  damaged = 0
-  for path in (tmp_path / "ckpt" / "2" / "state").rglob("*"):
-    if path.is_file() and path.stat().st_size > 64:
-      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-      damaged += 1
-  assert damaged
-  fresh = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
-  with caplog.at_level(logging.WARNING):
-    restored, meta = fresh.restore_latest(state)
-  assert meta["step"] == 1 and int(restored.step) == 0
-  assert "step 2" in caplog.text and "unreadable" in caplog.text
-  for a, b in zip(jax.tree_util.tree_leaves(state.params),
-                  jax.tree_util.tree_leaves(restored.params)):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_unfinished_save_is_ignored(tmp_path):
-  # A save killed mid-way leaves only orbax's temporary directory, which is never restored.
-  config = tiny_config()
-  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
-  manager = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
-  manager.save(1, state)
-  manager.wait_until_finished()
-  (tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-123").mkdir()
-  assert checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config).all_steps() == [1]
-
-
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
   data_dir = write_subjects(tmp_path / "data")
   config = tiny_config(data_dir, num_steps=10_000, checkpoint_every=10_000, eval_every=10_000)
@@ -170,29 +131,6 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
   state, meta = params_of(tmp_path / "run")
   assert meta["step"] == 3 and int(state.step) == 3
   assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
-
-
-def test_load_trained_rebuilds_the_model_from_the_workdir(tmp_path):
-  data_dir = write_subjects(tmp_path / "data")
-  train.train_and_evaluate(tiny_config(data_dir, num_steps=2), str(tmp_path / "run"))
-  model, variables, config = checkpoints.load_trained(str(tmp_path / "run"))
-  assert tuple(model.enc_features) == (4, 8) and config.num_steps == 2
-  x = jnp.asarray(textured_volume((32, 16, 48), seed=1))
-  moved, disp = vmjax.register(model, variables, x, x)
-  assert disp.shape == (1, 32, 16, 48, 3)
-  with pytest.raises(FileNotFoundError, match="no checkpoints"):
-    checkpoints.load_trained(str(tmp_path / "nowhere"))
-
-
-def test_config_string_argument():
-  config = default.get_config("variant=vm1,lam=0.5,lr=3e-4,shape=64x80x64,loss.window=7")
-  assert config.model.variant == "vm1" and config.loss.lam == 0.5
-  assert config.optimizer.learning_rate == 3e-4 and config.loss.window == 7
-  assert tuple(config.data.shape) == (64, 80, 64)
-  with pytest.raises(ValueError, match="no field"):
-    default.get_config("lamda=1")
-  with pytest.raises(ValueError, match="key=value"):
-    default.get_config("vm1")
 
 
 def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):

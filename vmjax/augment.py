@@ -3,15 +3,20 @@
 Spatial: random smooth diffeomorphic deformations (a coarse random velocity, upsampled and
 integrated), applied to an image and its labels alike. Intensity: gamma, smooth multiplicative
 bias field, Gaussian noise. Same key, same output: augmentation is deterministic given the seed.
+:func:`synthetic_pairs` makes held-out validation/evaluation pairs the same way.
 Shapes are channels-last: images ``(B, D, H, W, C)``, label maps ``(B, D, H, W, 1)`` int.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vmjax import transforms
+from vmjax.io import Volume
 
 
 def _smooth_noise(rng: jax.Array, batch: int, spatial_shape, spacing: float,
@@ -70,3 +75,19 @@ def augment_volume(rng: jax.Array, image: jax.Array, seg: jax.Array | None, cfg)
   image = random_intensity(k_intensity, image, cfg.gamma_std, cfg.bias_std,
                            noise_std=cfg.noise_std)
   return image, seg
+
+
+def synthetic_pairs(fixed: Volume, count: int, seed: int, aug_cfg) -> list:
+  """``count`` held-out pairs ``(augmented copy of fixed, fixed)`` from a separate seed."""
+  fn = jax.jit(lambda key, image, seg: augment_volume(key, image, seg, aug_cfg))
+  image = jnp.asarray(fixed.image)[None, ..., None]
+  seg = None if fixed.seg is None else jnp.asarray(fixed.seg)[None, ..., None]
+  pairs = []
+  for key in jax.random.split(jax.random.PRNGKey(seed), count):
+    moved, moved_seg = fn(key, image, seg)
+    moving = dataclasses.replace(
+        fixed, image=np.asarray(moved[0, ..., 0]),
+        seg=None if moved_seg is None else np.asarray(moved_seg[0, ..., 0]),
+        path=f"{fixed.path} (synthetic, seed {seed})")
+    pairs.append((moving, fixed))
+  return pairs

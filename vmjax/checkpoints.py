@@ -1,5 +1,5 @@
-"""Checkpoints with orbax: periodic async saves, keep-last-K, skip-unreadable restore, and
-rebuilding a trained model from a workdir alone.
+"""Checkpoints with orbax: periodic async saves, keep-last-K, the best by validation Dice,
+skip-unreadable restore, and rebuilding a trained model from a workdir alone.
 
 Each checkpoint ``<dir>/<step>/`` holds ``state`` (params, optimizer state, step, PRNG key) and
 ``meta`` (JSON: the config, the step, the data iterator's position). Orbax writes into a
@@ -15,8 +15,11 @@ import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+
+from vmjax import networks
 
 
 def _abstract(tree):
@@ -27,22 +30,33 @@ class CheckpointManager:
   """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` for vmjax train states."""
 
   def __init__(self, directory: str, config: ml_collections.ConfigDict | None = None,
-               max_to_keep: int | None = None, async_save: bool = True):
+               max_to_keep: int | None = None, async_save: bool = True,
+               best_metric: str | None = None):
+    """``best_metric``: keep only the checkpoint with the highest value of this metric (given
+    to :meth:`save`), instead of the newest ``max_to_keep``."""
     self.directory = os.path.abspath(directory)
     self.config = config
     keep = max_to_keep or (config.get("keep_checkpoints", 3) if config is not None else 3)
+    best = {}
+    if best_metric:
+      keep = 1
+      best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max",
+                  keep_checkpoints_without_metrics=False)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save, **best)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
-  def save(self, step: int, state, data_position: int | None = None) -> None:
-    """Saves ``state`` at ``step`` (asynchronously; see :meth:`wait_until_finished`)."""
+  def save(self, step: int, state, data_position: int | None = None,
+           metrics: dict | None = None) -> None:
+    """Saves ``state`` at ``step`` (asynchronously; see :meth:`wait_until_finished`), with the
+    ``metrics`` a best-by-metric manager ranks it by."""
     meta = {"step": int(step),
             "data_position": int(step if data_position is None else data_position),
             "config": json.loads(self.config.to_json_best_effort()) if self.config else None}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+                                                     meta=ocp.args.JsonSave(meta)), force=True,
+                       metrics=metrics)
 
   def all_steps(self) -> list[int]:
     self._manager.reload()
@@ -80,6 +94,12 @@ class CheckpointManager:
       return out["state"], out["meta"]
     return self._readable(step, restore) or (target, None)
 
+  def restore_params(self, step: int):
+    """The model parameters alone of the checkpoint at ``step`` (no optimizer state needed)."""
+    state = self._readable(step, lambda s: self._manager.restore(
+        s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
+    return jax.tree_util.tree_map(jnp.asarray, state["params"])
+
   def restore_meta(self, step: int | None = None) -> dict | None:
     """The JSON metadata (config, step, data position) of the newest readable checkpoint."""
     return self._readable(step, lambda s: self._manager.restore(
@@ -92,27 +112,34 @@ class CheckpointManager:
     self._manager.close()
 
 
-def _locate(path: str) -> tuple[str, int | None]:
+# Where training keeps the checkpoint with the best validation Dice (beside ``checkpoints/``).
+BEST = "best_checkpoint"
+
+
+def _locate(path: str, best: bool = False) -> tuple[str, int | None]:
   """``(checkpoints directory, step or None)`` for a workdir or a ``.../checkpoints/<step>``."""
   path = os.path.abspath(path)
   if os.path.basename(path).isdigit() and os.path.isdir(path):
     return os.path.dirname(path), int(os.path.basename(path))
-  directory = os.path.join(path, "checkpoints")
+  directory = os.path.join(path, BEST if best else "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints directory in workdir {path}")
+    raise FileNotFoundError(f"no {os.path.basename(directory)} directory in workdir {path}"
+                            + (" (it is written when training validates with labels)"
+                               if best else ""))
   return directory, None
 
 
-def load_trained(path: str):
-  """Rebuilds a trained model from a training workdir (newest readable checkpoint) or from one
-  checkpoint directory ``workdir/checkpoints/<step>``, with nothing else needed.
+def load_trained(path: str, best: bool = False):
+  """Rebuilds a trained model from a training workdir (newest readable checkpoint; with
+  ``best``, the one with the best validation Dice) or from one checkpoint directory
+  ``workdir/checkpoints/<step>``, with nothing else needed: the network from the config stored
+  with the checkpoint, the parameters alone from its state.
 
   Returns:
     ``(model, variables, config)``; ``vmjax.register(model, variables, moving, fixed)`` then
     registers pairs of any spatial shape divisible by ``2**model.levels``.
   """
-  from vmjax import train  # local import: train imports this module
-  directory, step = _locate(path)
+  directory, step = _locate(path, best)
   manager = CheckpointManager(directory, max_to_keep=None)
   if step is None and not manager.all_steps():
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -120,8 +147,6 @@ def load_trained(path: str):
   if meta is None:
     raise FileNotFoundError(f"no readable checkpoint in {directory}")
   config = ml_collections.ConfigDict(meta["config"])
-  model = train.model_from_config(config.model)
-  # Convolution weights do not depend on the volume size: the smallest valid grid will do.
-  target = train.create_train_state(config, jax.random.PRNGKey(0), (2 ** model.levels,) * 3)
-  state, _ = manager.restore_latest(target, step if step is not None else meta["step"])
-  return model, {"params": state.params}, config
+  model = networks.model_from_config(config.model)
+  params = manager.restore_params(step if step is not None else meta["step"])
+  return model, {"params": params}, config

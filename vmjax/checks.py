@@ -6,6 +6,10 @@ import numpy as np
 import jax
 
 
+class DataError(ValueError):
+  """Bad input data or data settings; the message names the file or setting and the problem."""
+
+
 def divisible_shape(spatial_shape, multiple: int) -> tuple[int, ...]:
   """The smallest shape >= ``spatial_shape`` whose every size is a multiple of ``multiple``."""
   return tuple(-(-int(n) // multiple) * multiple for n in spatial_shape)

@@ -25,7 +25,6 @@ import platform
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from typing import Sequence
 
 from absl import logging
@@ -33,6 +32,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from vmjax.atomic import atomic_path
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "onednn_conv.cc")
 _TARGETS = {"fwd": "VmjaxConvForward", "bwd_data": "VmjaxConvBackwardData",
@@ -83,19 +84,17 @@ def _build() -> str:
     fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time (several processes per host)
     if os.path.exists(library):
       return library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
     cxx = os.environ.get("CXX", "g++")
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", _SOURCE, "-o", tmp,
-           f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{libdir}", "-ldnnl",
-           f"-Wl,-rpath,{libdir}"]
-    try:
-      subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-      os.unlink(tmp)
-      detail = getattr(e, "stderr", "") or str(e)
-      raise OSError(f"building the oneDNN kernel failed ({' '.join(cmd)}): {detail[-2000:]}")
-    os.replace(tmp, library)  # atomic: a half-written library is never picked up
+    with atomic_path(library) as tmp:  # a half-written library is never picked up
+      cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", _SOURCE, "-o", tmp,
+             f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{libdir}", "-ldnnl",
+             f"-Wl,-rpath,{libdir}"]
+      try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+      except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise OSError(f"building the oneDNN kernel failed ({' '.join(cmd)}): "
+                      f"{detail[-2000:]}") from e
   return library
 
 

@@ -1,174 +1,43 @@
-"""Data: reading volumes, preparing them, and a stateless, shardable pair sampler.
+"""Data: preparing volumes for the network, and a stateless, shardable pair sampler.
 
-Volumes are read from NIfTI (``.nii``/``.nii.gz``, nibabel) or VoxelMorph-style ``.npz`` (key
-``vol``, optional ``seg``). Registration data sets are small (tens to hundreds of volumes), so
-each process loads its shard once into memory; the sampler is a pure function of
-``(seed, step, process)``, which makes the data iterator's position simply the step number
-(exact resume) and shards cleanly across hosts. Augmentation runs on the accelerator inside the
+Volumes are read by :mod:`vmjax.io` (NIfTI, MGH, npz). Registration data sets are small (tens
+to hundreds of volumes), so each process loads its shard once into memory; the sampler is a
+pure function of ``(seed, step, process)``, which makes the data iterator's position simply the
+step number (exact resume) and shards cleanly across hosts. Augmentation runs on the accelerator inside the
 jitted train step (``vmjax.augment``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npz")
-
-
-class DataError(ValueError):
-  """Bad input data; the message names the file or setting and the problem."""
-
-
-@dataclasses.dataclass
-class Volume:
-  """One scan: ``image`` ``(D, H, W)`` float32, optional ``seg`` ``(D, H, W)`` int32 labels."""
-  image: np.ndarray
-  seg: np.ndarray | None
-  affine: np.ndarray
-  path: str
-  header: object = None  # the NIfTI header when read from NIfTI (kept for writing outputs)
-
-
-def _read_array(path: str, what: str):
-  """Reads an array from NIfTI or npz; returns ``(array, affine, header)``."""
-  if not os.path.exists(path):
-    raise DataError(f"{what} file not found: {path}")
-  try:
-    if path.endswith(".npz"):
-      with np.load(path) as npz:
-        arrays = {k: np.asarray(npz[k]) for k in npz.keys()}
-      return arrays, np.eye(4), None
-    if path.endswith((".nii", ".nii.gz")):
-      import nibabel as nib
-      img = nib.load(path)
-      return np.asanyarray(img.dataobj), np.asarray(img.affine, np.float64), img.header
-  except DataError:
-    raise
-  except Exception as e:  # nibabel/numpy raise many kinds; report one clear error
-    raise DataError(f"cannot read {what} file {path}: {type(e).__name__}: {e}") from e
-  raise DataError(f"{what} file {path} has an unsupported extension (use one of "
-                  f"{IMAGE_SUFFIXES})")
-
-
-def _as_3d(array: np.ndarray, path: str, what: str) -> np.ndarray:
-  array = np.asarray(array)
-  while array.ndim > 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if array.ndim != 3:
-    raise DataError(f"{what} in {path} must be a 3-D volume, got shape {array.shape}")
-  return array
-
-
-def load_volume(path: str, seg_path: str | None = None) -> Volume:
-  """Reads an image (and labels: the npz's ``seg`` or ``seg_path``) into a :class:`Volume`."""
-  path = str(path)
-  data, affine, header = _read_array(path, "image")
-  seg = None
-  if isinstance(data, dict):
-    if "vol" not in data:
-      raise DataError(f"image file {path} has no 'vol' array (keys: {sorted(data)})")
-    image = data["vol"]
-    seg = data.get("seg")
-  else:
-    image = data
-  image = _as_3d(image, path, "image").astype(np.float32)
-  if not np.isfinite(image).all():
-    raise DataError(f"image {path} contains NaN or Inf values")
-  if seg_path is not None:
-    seg, _, _ = _read_array(str(seg_path), "label")
-    if isinstance(seg, dict):
-      if not {"seg", "vol"} & set(seg):
-        raise DataError(f"label file {seg_path} has neither 'seg' nor 'vol' (keys: {sorted(seg)})")
-      seg = seg["seg"] if "seg" in seg else seg["vol"]
-    path_for_seg = str(seg_path)
-  else:
-    path_for_seg = path
-  if seg is not None:
-    seg = _as_3d(seg, path_for_seg, "labels")
-    if seg.shape != image.shape:
-      raise DataError(f"labels {path_for_seg} shape {seg.shape} does not match image {path} "
-                      f"shape {image.shape}")
-    seg = np.rint(seg).astype(np.int32)
-  return Volume(image=image, seg=seg, affine=affine, path=path, header=header)
-
-
-def _seg_path_for(image_path: str, seg_replace: Sequence[str] | None) -> str | None:
-  if not seg_replace or image_path.endswith(".npz"):
-    return None
-  old, new = seg_replace
-  head, name = os.path.split(image_path)
-  if old not in name:
-    return None
-  candidate = os.path.join(head, name.replace(old, new))
-  return candidate if os.path.exists(candidate) else None
-
-
-def resolve_sources(spec, seg_replace: Sequence[str] | None = None,
-                    what: str = "data") -> list[tuple[str, str | None]]:
-  """Expands a data specification into ``[(image_path, seg_path_or_None), ...]``.
-
-  ``spec`` is a glob pattern, a directory (its ``.npz``/``.nii``/``.nii.gz`` files), a ``.txt``
-  list file (one ``image [labels]`` per line, paths relative to the list), or a sequence of
-  those, also as one comma-separated string. NIfTI labels are found by replacing ``seg_replace[0]`` with ``seg_replace[1]`` in the
-  image's file name (e.g. ``("t1", "labels")``); files so named are not taken as images.
-  """
-  if spec is None or (isinstance(spec, str) and not spec.strip()):
-    raise DataError(f"no {what} given (empty setting)")
-  if isinstance(spec, str) and "," in spec:
-    spec = [item for item in spec.split(",") if item.strip()]
-  if not isinstance(spec, str):
-    out = []
-    for item in spec:
-      out.extend(resolve_sources(item, seg_replace, what))
-    return out
-  if spec.endswith(".txt") and os.path.isfile(spec):
-    base = os.path.dirname(os.path.abspath(spec))
-    out = []
-    with open(spec) as f:
-      for line in f:
-        parts = line.replace(",", " ").split()
-        if not parts or parts[0].startswith("#"):
-          continue
-        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in parts[:2]]
-        out.append((paths[0], paths[1] if len(paths) > 1 else _seg_path_for(paths[0],
-                                                                             seg_replace)))
-    if not out:
-      raise DataError(f"{what} list file {spec} lists no files")
-    return out
-  if os.path.isdir(spec):
-    names = sorted(n for n in os.listdir(spec) if n.endswith(IMAGE_SUFFIXES))
-    if seg_replace:
-      names = [n for n in names if seg_replace[1] not in n]
-    if not names:
-      raise DataError(f"{what} directory {spec} contains no {'/'.join(IMAGE_SUFFIXES)} files")
-    paths = [os.path.join(spec, n) for n in names]
-  else:
-    paths = sorted(glob.glob(spec))
-    if not paths:
-      if any(c in spec for c in "*?["):
-        raise DataError(f"no {what} files match {spec}")
-      raise DataError(f"{what} file not found: {spec}")
-  return [(p, _seg_path_for(p, seg_replace)) for p in paths]
-
+from vmjax import augment
+from vmjax import checks
+from vmjax import io
+from vmjax.checks import DataError
+from vmjax.io import Volume
 
 def normalize_intensity(image: np.ndarray, method: str) -> np.ndarray:
-  """``"percentile"``: divide by the 99.5th percentile and clip to [0, 1]; ``"minmax"``: scale to
-  [0, 1]; ``"none"``: unchanged."""
+  """``"percentile"``: divide by the 99.5th percentile and clip to [0, 1]; ``"foreground"``: the
+  same with the 99.5th percentile of the non-zero voxels only (skull-stripped scans, whose
+  background would otherwise set the scale; how OASIS-TRT-20 was prepared); ``"minmax"``: scale
+  to [0, 1]; ``"none"``: unchanged."""
   if method == "none":
     return image
   if method == "minmax":
     lo, hi = float(image.min()), float(image.max())
     return ((image - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
-  if method == "percentile":
-    hi = float(np.percentile(image, 99.5))
+  if method in ("percentile", "foreground"):
+    values = image[image != 0] if method == "foreground" and image.any() else image
+    hi = float(np.percentile(values, 99.5))
     hi = hi if hi > 0 else float(image.max()) or 1.0
     return np.clip(image / hi, 0.0, 1.0).astype(np.float32)
-  raise DataError(f"unknown intensity normalisation {method!r} (percentile, minmax, none)")
+  raise DataError(f"unknown intensity normalisation {method!r} (percentile, foreground, "
+                  "minmax, none)")
 
 
 def downsample(volume: Volume, factor: int) -> Volume:
@@ -226,12 +95,17 @@ def load_set(spec, seg_replace=None, what="data", normalize="percentile", factor
   that every volume has the same shape."""
   volumes = [prepare(v, normalize, factor, shape)
              for v in _load_any(spec, seg_replace, what, shard)]
+  check_same_shape(volumes, what)
+  return volumes
+
+
+def check_same_shape(volumes: Sequence[Volume], what: str) -> None:
+  """Raises :class:`DataError` unless all prepared ``volumes`` share the first one's shape."""
   first = volumes[0]
   for v in volumes[1:]:
     if v.image.shape != first.image.shape:
       raise DataError(f"{what}: {v.path} has shape {v.image.shape} after preparation, but "
                       f"{first.path} has {first.image.shape}; set data.shape to fit them all")
-  return volumes
 
 
 def read_labels(spec) -> list[int]:
@@ -317,12 +191,12 @@ def _load_any(spec, seg_replace, what, shard):
   """Volumes of a specification (the MNI152 template, or files), unprepared."""
   if spec == MNI152_SPEC:
     return [load_mni152()]
-  sources = resolve_sources(spec, seg_replace, what)
+  sources = io.resolve_sources(spec, seg_replace, what)
   index, count = shard
   mine = sources[index::count]
   if not mine:
     raise DataError(f"{what}: {len(sources)} file(s) cannot be sharded over {count} processes")
-  return [load_volume(i, s) for i, s in mine]
+  return [io.load_volume(i, s) for i, s in mine]
 
 
 @dataclasses.dataclass
@@ -332,25 +206,6 @@ class Dataset:
   val_pairs: list  # [(moving Volume, fixed Volume)]
   labels: list  # evaluation labels
   spatial_shape: tuple
-
-
-def synthetic_pairs(fixed: Volume, count: int, seed: int, aug_cfg) -> list:
-  """``count`` held-out pairs ``(augmented copy of fixed, fixed)`` from a separate seed."""
-  import jax
-  import jax.numpy as jnp
-  from vmjax import augment
-  fn = jax.jit(lambda key, image, seg: augment.augment_volume(key, image, seg, aug_cfg))
-  image = jnp.asarray(fixed.image)[None, ..., None]
-  seg = None if fixed.seg is None else jnp.asarray(fixed.seg)[None, ..., None]
-  pairs = []
-  for key in jax.random.split(jax.random.PRNGKey(seed), count):
-    moved, moved_seg = fn(key, image, seg)
-    moving = dataclasses.replace(
-        fixed, image=np.asarray(moved[0, ..., 0]),
-        seg=None if moved_seg is None else np.asarray(moved_seg[0, ..., 0]),
-        path=f"{fixed.path} (synthetic, seed {seed})")
-    pairs.append((moving, fixed))
-  return pairs
 
 
 def build(config, shard: tuple[int, int] = (0, 1), levels: int | None = None) -> Dataset:
@@ -370,18 +225,14 @@ def build(config, shard: tuple[int, int] = (0, 1), levels: int | None = None) ->
 
   train = load(d.train, "data.train", shard)
   atlas = load(d.atlas, "data.atlas")[0] if d.atlas else None
-  volumes = train + ([atlas] if atlas else [])
+  check_same_shape(train + ([atlas] if atlas else []), "data.train and data.atlas")
   spatial_shape = train[0].image.shape
-  for v in volumes:
-    if v.image.shape != spatial_shape:
-      raise DataError(f"{v.path} has shape {v.image.shape} after preparation but {train[0].path} "
-                      f"has {spatial_shape}; set data.shape to fit them all")
   if levels:
     multiple = 2 ** levels
     if any(n % multiple for n in spatial_shape):
-      good = tuple(-(-n // multiple) * multiple for n in spatial_shape)
       raise DataError(f"prepared volumes have shape {spatial_shape}, not divisible by "
-                      f"2**{levels}={multiple}; set data.shape, e.g. {good}")
+                      f"2**{levels}={multiple}; set data.shape, e.g. "
+                      f"{checks.divisible_shape(spatial_shape, multiple)}")
   sampler = PairSampler(train, d.mode, atlas, config.seed, process_index=shard[0])
 
   val_pairs = []
@@ -392,7 +243,7 @@ def build(config, shard: tuple[int, int] = (0, 1), levels: int | None = None) ->
     else:
       val_pairs = [(val[i], val[(i + 1) % len(val)]) for i in range(len(val))]
   if d.val_synthetic:
-    val_pairs += synthetic_pairs(atlas or train[0], d.val_synthetic, d.val_seed, config.augment)
+    val_pairs += augment.synthetic_pairs(atlas or train[0], d.val_synthetic, d.val_seed, config.augment)
   for moving, fixed in val_pairs:
     if moving.image.shape != spatial_shape:
       raise DataError(f"validation volume {moving.path} has shape {moving.image.shape}, "

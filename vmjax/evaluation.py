@@ -1,21 +1,28 @@
 """Evaluation of registration methods on labelled pairs: Dice per structure, folding, time.
 
 Methods share one interface, ``method(moving, fixed) -> Outcome``, on
-:class:`vmjax.data.Volume` pairs on the same grid, so ``identity`` (the affine-only input),
-``vmjax`` (with or without instance optimisation) and ``ants_syn`` (antspyx, optional) are
-measured the same way on the same pairs.
+:class:`vmjax.io.Volume` pairs on the same grid, so ``identity`` (the affine-only input),
+``vmjax`` (with or without instance optimisation; or the whole path from native grids) and ANTs
+(antspyx, optional; several presets) are measured the same way on the same pairs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import time
 from typing import Callable
 
 from absl import logging
+import jax
 import numpy as np
+
+from vmjax import metrics
+from vmjax import pipeline
+from vmjax import registration
+from vmjax.atomic import atomic_path
 
 # FreeSurfer colour-table names of the labels VoxelMorph and Mindboggle evaluate.
 ASEG_NAMES = {
@@ -77,7 +84,6 @@ def structure_name(label: int) -> str:
 def dice_per_label(seg_a: np.ndarray, seg_b: np.ndarray, labels) -> np.ndarray:
   """Dice of each label (NaN where absent from both) of two label maps of any equal shape:
   :func:`vmjax.metrics.dice` on one pair, as numpy."""
-  from vmjax import metrics  # pylint: disable=g-import-not-at-top
   return np.asarray(metrics.dice(np.asarray(seg_a)[None], np.asarray(seg_b)[None], labels)[0],
                     np.float64)
 
@@ -108,34 +114,49 @@ def identity_method(moving, fixed) -> Outcome:
                  0.0, 0.0)
 
 
-def vmjax_method(model, variables, config, instance_steps: int = 0,
-                 instance_lr: float | None = None) -> Callable:
-  """A vmjax model as a method. ``seconds`` excludes compilation: the first pair of each shape
-  runs twice, and the difference is reported as ``compile_seconds``."""
-  import jax
-  from vmjax import metrics, registration
+def timed_method(register: Callable) -> Callable:
+  """A registration function ``register(moving, fixed) -> dict`` (``disp``, ``moved``,
+  ``moved_seg``, optionally ``jacobian_det``) as a method. ``seconds`` excludes compilation: the
+  first pair of each shape runs twice, and the difference is reported as ``compile_seconds``."""
   compiled_shapes = set()
 
   def timed_call(moving, fixed):
     start = time.perf_counter()
-    out = registration.register_scans(model, variables, config, moving, fixed, instance_steps,
-                                      instance_lr)
+    out = register(moving, fixed)
     jax.block_until_ready(out["disp"])
     return out, time.perf_counter() - start
 
   def run(moving, fixed) -> Outcome:
     first = None
-    if moving.image.shape not in compiled_shapes:
+    shapes = (moving.image.shape, fixed.image.shape)
+    if shapes not in compiled_shapes:
       _, first = timed_call(moving, fixed)
-      compiled_shapes.add(moving.image.shape)
+      compiled_shapes.add(shapes)
     out, seconds = timed_call(moving, fixed)
     compile_seconds = 0.0 if first is None else max(first - seconds, 0.0)
-    det = np.asarray(metrics.jacobian_determinant(out["disp"][None]))[0]
-    count, fraction = folding_stats(det)
+    det = out.get("jacobian_det")
+    if det is None:
+      det = metrics.jacobian_determinant(out["disp"][None])[0]
+    count, fraction = folding_stats(np.asarray(det))
     return Outcome(np.asarray(out["moved"]), np.asarray(out["moved_seg"]),
                    np.asarray(out["disp"]), count, fraction, seconds, compile_seconds)
 
   return run
+
+
+def vmjax_method(model, variables, config, instance_steps: int = 0,
+                 instance_lr: float | None = None) -> Callable:
+  """A vmjax model on pairs already aligned on one grid (:func:`registration.register_scans`)."""
+  return timed_method(lambda moving, fixed: registration.register_scans(
+      model, variables, config, moving, fixed, instance_steps, instance_lr))
+
+
+def vmjax_pipeline_method(model, variables, config, space, deformable: bool = True) -> Callable:
+  """The whole path from any grids (:func:`pipeline.register_pair`: affine to the model's
+  template, the network, the composed field on the fixed grid); ``deformable=False``: the
+  affine step alone."""
+  return timed_method(lambda moving, fixed: pipeline.register_pair(
+      model, variables, config, moving, fixed, space, "affine", deformable=deformable))
 
 
 def ants_available() -> bool:
@@ -146,21 +167,50 @@ def ants_available() -> bool:
   return True
 
 
-def ants_syn_method(type_of_transform: str = "SyN") -> Callable:
-  """ANTs SyN (antspyx) as a method: labels warped with its transforms (nearest neighbour);
-  folding from ANTs' Jacobian determinant of the forward warp."""
+# The ANTs presets evaluate.py knows: antspyx's type_of_transform names. "SyN" is its quick
+# default (affine + SyN with mutual information, reg_iterations (40, 20, 0): no iterations at
+# full resolution); "SyNCC" uses cross-correlation; "antsRegistrationSyN[s]" is the
+# antsRegistrationSyN.sh recipe (rigid + affine + SyN, CC, iterations down to full resolution).
+ANTS_PRESETS = ("Affine", "SyN", "SyNCC", "antsRegistrationSyN[s]", "antsRegistrationSyNQuick[s]")
+
+
+def ants_image(array: np.ndarray, like):
+  """An ANTs image of ``array`` with the geometry of the Volume ``like`` (spacing, origin,
+  direction), converted from NIfTI's RAS to ITK's LPS as ITK's NIfTI reader does."""
+  import ants
+  linear = like.affine[:3, :3]
+  spacing = np.linalg.norm(linear, axis=0)
+  flip = np.diag([-1.0, -1.0, 1.0])
+  return ants.from_numpy(np.asarray(array, np.float32), origin=list(flip @ like.affine[:3, 3]),
+                         spacing=list(spacing), direction=flip @ (linear / spacing))
+
+
+def ants_method(type_of_transform: str = "SyN", cache_dir: str | None = None) -> Callable:
+  """ANTs (antspyx) with a preset of :data:`ANTS_PRESETS` as a method, on images with their
+  real geometry; labels warped with its transforms (nearest neighbour); folding from ANTs'
+  Jacobian determinant of the deformable warp. With ``cache_dir`` each pair's outcome is kept
+  (``ants_<preset>_<moving>_<fixed>.npz``) and reused by a rerun: these presets take minutes."""
   import ants
 
-  def to_ants(array):
-    return ants.from_numpy(np.asarray(array, np.float32))
+  def cache_path(moving, fixed):
+    if cache_dir is None:
+      return None
+    name = "_".join([type_of_transform, scan_name(moving.path), scan_name(fixed.path)])
+    return os.path.join(cache_dir, "ants_" + re.sub(r"[^A-Za-z0-9.-]+", "-", name) + ".npz")
 
   def run(moving, fixed) -> Outcome:
-    fixed_img, moving_img = to_ants(fixed.image), to_ants(moving.image)
+    cached = cache_path(moving, fixed)
+    if cached and os.path.exists(cached):
+      with np.load(cached) as c:
+        logging.info("ANTs %s: cached result %s", type_of_transform, cached)
+        return Outcome(c["moved"], c["moved_seg"], None, int(c["folding_count"]),
+                       float(c["folding_fraction"]), float(c["seconds"]))
+    fixed_img, moving_img = ants_image(fixed.image, fixed), ants_image(moving.image, moving)
     start = time.perf_counter()
     reg = ants.registration(fixed=fixed_img, moving=moving_img,
                             type_of_transform=type_of_transform)
     seconds = time.perf_counter() - start
-    moved_seg = ants.apply_transforms(fixed=fixed_img, moving=to_ants(moving.seg),
+    moved_seg = ants.apply_transforms(fixed=fixed_img, moving=ants_image(moving.seg, moving),
                                       transformlist=reg["fwdtransforms"],
                                       interpolator="nearestNeighbor").numpy()
     warps = [t for t in reg["fwdtransforms"] if t.endswith((".nii.gz", ".nii"))]
@@ -173,8 +223,13 @@ def ants_syn_method(type_of_transform: str = "SyN") -> Callable:
       # antspyx leaves its transform files in the temp dir: remove them (only those).
       if os.path.isfile(path) and os.path.dirname(os.path.abspath(path)) == tempfile.gettempdir():
         os.unlink(path)
-    return Outcome(reg["warpedmovout"].numpy(), np.rint(moved_seg).astype(np.int32), None,
-                   count, fraction, seconds)
+    outcome = Outcome(reg["warpedmovout"].numpy().astype(np.float32),
+                      np.rint(moved_seg).astype(np.int32), None, count, fraction, seconds)
+    if cached:
+      with atomic_path(cached) as tmp:
+        np.savez_compressed(tmp, moved=outcome.moved, moved_seg=outcome.moved_seg,
+                            folding_count=count, folding_fraction=fraction, seconds=seconds)
+    return outcome
 
   return run
 

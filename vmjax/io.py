@@ -1,51 +1,225 @@
-"""Writing outputs: NIfTI and npz, atomically (a temporary file in the same directory, then
-``os.replace``), so a crash never leaves a half-written output behind."""
+"""Scan files: reading and writing volumes with their world coordinates.
+
+Formats: NIfTI (``.nii``, ``.nii.gz``), FreeSurfer MGH (``.mgz``, ``.mgh``) through nibabel, and
+VoxelMorph-style ``.npz`` (key ``vol``, optional ``seg``; no world coordinates, identity affine).
+Reading checks what a registration needs and raises one :class:`vmjax.checks.DataError` naming
+the file: one 3-D volume (a 4-D file with one volume is accepted), finite values, not all zero,
+an invertible affine, integral label values (labels stored as float are cast). Writing keeps
+the reference scan's affine and header (voxel sizes, qform/sform) and is atomic
+(:mod:`vmjax.atomic`): a crash never leaves a half-written output.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
-import tempfile
+from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 
+from vmjax.atomic import atomic_path
+from vmjax.checks import DataError
 
-def _suffix(path: str) -> str:
-  for suffix in (".nii.gz", ".nii", ".npz"):
-    if path.endswith(suffix):
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MGH_SUFFIXES = (".mgz", ".mgh")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + MGH_SUFFIXES + (".npz",)
+
+
+@dataclasses.dataclass
+class Volume:
+  """One scan: ``image`` ``(D, H, W)`` float32, optional ``seg`` ``(D, H, W)`` int32 labels,
+  ``affine`` the 4x4 voxel-to-world (mm) matrix, ``header`` the NIfTI/MGH header if any."""
+  image: np.ndarray
+  seg: np.ndarray | None
+  affine: np.ndarray
+  path: str
+  header: object = None
+
+
+def _suffix(path: str, what: str) -> str:
+  for suffix in IMAGE_SUFFIXES:
+    if path.lower().endswith(suffix):
       return suffix
-  raise ValueError(f"output {path}: unsupported extension (use .nii.gz, .nii or .npz)")
+  raise DataError(f"{what} file {path} has an unsupported extension (use one of "
+                  f"{', '.join(IMAGE_SUFFIXES)})")
 
 
-def save_volume(path: str, array: np.ndarray, like=None, key: str = "vol") -> None:
+def _read_array(path: str, what: str):
+  """Reads an array from NIfTI, MGH or npz; returns ``(array or dict of arrays, affine,
+  header)``."""
+  if not os.path.exists(path):
+    raise DataError(f"{what} file not found: {path}")
+  if os.path.isdir(path):
+    raise DataError(f"{what} {path} is a directory, not a scan file")
+  suffix = _suffix(path, what)
+  try:
+    if suffix == ".npz":
+      with np.load(path) as npz:
+        arrays = {k: np.asarray(npz[k]) for k in npz.keys()}
+      return arrays, np.eye(4), None
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), np.asarray(img.affine, np.float64), img.header
+  except Exception as e:  # nibabel/numpy raise many kinds; report one clear error
+    raise DataError(f"cannot read {what} file {path}: {type(e).__name__}: {e}") from e
+
+
+def _as_3d(array: np.ndarray, path: str, what: str) -> np.ndarray:
+  array = np.asarray(array)
+  while array.ndim > 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim == 4:
+    raise DataError(f"{what} {path} holds {array.shape[-1]} volumes (shape {array.shape}); "
+                    "give one 3-D volume (e.g. extract it with fslroi or nibabel)")
+  if array.ndim != 3:
+    raise DataError(f"{what} in {path} must be a 3-D volume, got shape {array.shape}")
+  return array
+
+
+def _check_affine(affine: np.ndarray, path: str) -> None:
+  if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+    matrix = np.array2string(affine, precision=4, separator=",").replace("\n", "")
+    raise DataError(f"scan {path} has a singular or non-finite affine (voxel-to-world matrix) "
+                    f"{matrix}: fix its header (sform/qform)")
+
+
+def as_labels(array: np.ndarray, path: str) -> np.ndarray:
+  """An int32 label map; float labels must hold integral values."""
+  array = np.asarray(array)
+  if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+    return array.astype(np.int32)
+  if not np.isfinite(array).all():
+    raise DataError(f"label map {path} contains NaN or Inf values")
+  rounded = np.rint(array)
+  if np.abs(array - rounded).max(initial=0.0) > 1e-3:
+    raise DataError(f"label map {path} holds non-integral values (e.g. "
+                    f"{array.flat[int(np.argmax(np.abs(array - rounded)))]:.4g}): is it an "
+                    "image rather than labels?")
+  return rounded.astype(np.int32)
+
+
+def load_volume(path: str, seg_path: str | None = None) -> Volume:
+  """Reads an image (and labels: the npz's ``seg`` or ``seg_path``) into a :class:`Volume`."""
+  path = str(path)
+  data, affine, header = _read_array(path, "image")
+  seg = None
+  if isinstance(data, dict):
+    if "vol" not in data:
+      raise DataError(f"image file {path} has no 'vol' array (keys: {sorted(data)})")
+    image = data["vol"]
+    seg = data.get("seg")
+  else:
+    image = data
+  image = _as_3d(image, path, "image").astype(np.float32)
+  if not np.isfinite(image).all():
+    raise DataError(f"image {path} contains NaN or Inf values")
+  if not image.any():
+    raise DataError(f"image {path} is empty (all zeros)")
+  _check_affine(affine, path)
+  path_for_seg = path
+  if seg_path is not None:
+    path_for_seg = str(seg_path)
+    seg, _, _ = _read_array(path_for_seg, "label")
+    if isinstance(seg, dict):
+      if not {"seg", "vol"} & set(seg):
+        raise DataError(f"label file {seg_path} has neither 'seg' nor 'vol' (keys: {sorted(seg)})")
+      seg = seg["seg"] if "seg" in seg else seg["vol"]
+  if seg is not None:
+    seg = _as_3d(seg, path_for_seg, "labels")
+    if seg.shape != image.shape:
+      raise DataError(f"labels {path_for_seg} shape {seg.shape} does not match image {path} "
+                      f"shape {image.shape}")
+    seg = as_labels(seg, path_for_seg)
+  return Volume(image=image, seg=seg, affine=affine, path=path, header=header)
+
+
+def _seg_path_for(image_path: str, seg_replace: Sequence[str] | None) -> str | None:
+  if not seg_replace or image_path.endswith(".npz"):
+    return None
+  old, new = seg_replace
+  head, name = os.path.split(image_path)
+  if old not in name:
+    return None
+  candidate = os.path.join(head, name.replace(old, new))
+  return candidate if os.path.exists(candidate) else None
+
+
+def resolve_sources(spec, seg_replace: Sequence[str] | None = None,
+                    what: str = "data") -> list[tuple[str, str | None]]:
+  """Expands a data specification into ``[(image_path, seg_path_or_None), ...]``.
+
+  ``spec`` is a glob pattern, a directory (its scan files), a ``.txt`` list file (one
+  ``image [labels]`` per line, paths relative to the list), or a sequence of those, also as one
+  comma-separated string. NIfTI/MGH labels are found by replacing ``seg_replace[0]`` with
+  ``seg_replace[1]`` in the image's file name (e.g. ``("t1", "labels")``); files so named are
+  not taken as images.
+  """
+  if spec is None or (isinstance(spec, str) and not spec.strip()):
+    raise DataError(f"no {what} given (empty setting)")
+  if isinstance(spec, str) and "," in spec:
+    spec = [item for item in spec.split(",") if item.strip()]
+  if not isinstance(spec, str):
+    out = []
+    for item in spec:
+      out.extend(resolve_sources(item, seg_replace, what))
+    return out
+  if spec.endswith(".txt") and os.path.isfile(spec):
+    base = os.path.dirname(os.path.abspath(spec))
+    out = []
+    with open(spec) as f:
+      for line in f:
+        parts = line.replace(",", " ").split()
+        if not parts or parts[0].startswith("#"):
+          continue
+        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in parts[:2]]
+        out.append((paths[0], paths[1] if len(paths) > 1 else _seg_path_for(paths[0],
+                                                                             seg_replace)))
+    if not out:
+      raise DataError(f"{what} list file {spec} lists no files")
+    return out
+  if os.path.isdir(spec):
+    names = sorted(n for n in os.listdir(spec) if n.lower().endswith(IMAGE_SUFFIXES))
+    if seg_replace:
+      names = [n for n in names if seg_replace[1] not in n]
+    if not names:
+      raise DataError(f"{what} directory {spec} contains no {'/'.join(IMAGE_SUFFIXES)} files")
+    paths = [os.path.join(spec, n) for n in names]
+  else:
+    paths = sorted(glob.glob(spec))
+    if not paths:
+      if any(c in spec for c in "*?["):
+        raise DataError(f"no {what} files match {spec}")
+      raise DataError(f"{what} file not found: {spec}")
+  return [(p, _seg_path_for(p, seg_replace)) for p in paths]
+
+
+def save_volume(path: str, array: np.ndarray, like: Volume | None = None,
+                key: str = "vol") -> None:
   """Saves ``array`` ((D, H, W) or (D, H, W, K)) to ``path`` atomically.
 
   Args:
-    path: ``.nii``/``.nii.gz`` (NIfTI) or ``.npz`` (key ``key``).
-    like: a :class:`vmjax.data.Volume` whose affine and header (voxel sizes, qform/sform) the
-      NIfTI output keeps.
+    path: ``.nii``/``.nii.gz`` (NIfTI), ``.mgz``/``.mgh`` (MGH) or ``.npz`` (key ``key``).
+    like: the :class:`Volume` whose affine and header (voxel sizes, qform/sform) the output
+      keeps; identity affine if None.
   """
   path = str(path)
-  suffix = _suffix(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-  os.close(fd)
-  try:
+  suffix = _suffix(path, "output")
+  array = np.asarray(array)
+  with atomic_path(path) as tmp:
     if suffix == ".npz":
       np.savez_compressed(tmp, **{key: array})
-    else:
-      import nibabel as nib
-      affine = like.affine if like is not None else np.eye(4)
-      header = like.header.copy() if like is not None and like.header is not None else None
-      img = nib.Nifti1Image(np.asarray(array), affine, header=header)
-      if header is not None:
-        img.set_qform(*like.header.get_qform(coded=True))
-        img.set_sform(*like.header.get_sform(coded=True))
-        img.header.set_data_dtype(np.asarray(array).dtype)
-        img.header.set_slope_inter(1.0, 0.0)
-      nib.save(img, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+      return
+    affine = like.affine if like is not None else np.eye(4)
+    if suffix in MGH_SUFFIXES:
+      nib.save(nib.MGHImage(array, affine), tmp)
+      return
+    header = like.header if like is not None and isinstance(like.header,
+                                                            nib.Nifti1Header) else None
+    img = nib.Nifti1Image(array, affine, header=None if header is None else header.copy())
+    if header is not None:
+      img.set_qform(*header.get_qform(coded=True))
+      img.set_sform(*header.get_sform(coded=True))
+      img.header.set_data_dtype(array.dtype)
+      img.header.set_slope_inter(1.0, 0.0)
+    nib.save(img, tmp)

@@ -1,16 +1,22 @@
-"""Registration losses: image similarity (local NCC, MSE), smoothness, soft Dice.
+"""Registration losses: image similarity (local NCC, MSE), smoothness, soft Dice, and the
+VoxelMorph objective that combines them (:func:`compute_loss`, used by training and by
+instance-specific optimisation alike).
 
 All losses are pure functions returning a scalar to *minimise*; shapes are channels-last
-(``(B, D, H, W, C)`` volumes, ``(B, D, H, W, 3)`` displacements).
+(``(B, D, H, W, C)`` volumes, ``(B, D, H, W, 3)`` displacements). The objective's settings are
+``config.loss`` (``configs/default.py``).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from vmjax import transforms
 
 
 def box_sum(x: jax.Array, window: int) -> jax.Array:
@@ -107,3 +113,56 @@ def soft_dice_loss(seg_a: jax.Array, seg_b: jax.Array, eps: float = 1e-5) -> jax
   top = 2.0 * jnp.sum(seg_a * seg_b, axis=axes)
   bottom = jnp.sum(seg_a, axis=axes) + jnp.sum(seg_b, axis=axes)
   return 1.0 - jnp.mean(top / jnp.maximum(bottom, eps))
+
+
+def image_loss(loss_cfg) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The image similarity ``sim(fixed, moved)`` that ``config.loss.image`` names."""
+  if loss_cfg.image == "ncc":
+    return functools.partial(ncc_loss, window=loss_cfg.window)
+  if loss_cfg.image == "mse":
+    return mse_loss
+  raise ValueError(f"config.loss.image must be 'ncc' or 'mse', got {loss_cfg.image!r}")
+
+
+def one_hot_labels(seg: jax.Array, labels) -> jax.Array:
+  """``(B, D, H, W, 1)`` int label map to ``(B, D, H, W, L)`` float one-hot over ``labels``."""
+  return (seg == jnp.asarray(labels, seg.dtype)).astype(jnp.float32)
+
+
+def compute_loss(params, model, batch: dict, loss_cfg, seg_labels=()) -> tuple[jax.Array, dict]:
+  """The VoxelMorph objective for one batch.
+
+  ``sim(fixed, moving∘φ) [+ sim(moving, fixed∘φ⁻¹), each weighted 1/2 when bidirectional]
+  + lam · grad_loss(velocity) [+ seg_weight · soft_dice_loss(moving_seg∘φ, fixed_seg)]``.
+
+  Args:
+    params: the network's parameters.
+    model: a :class:`vmjax.networks.VxmDense` (its ``fields`` method is applied).
+    batch: ``moving``, ``fixed`` ``(B, D, H, W, 1)``; with ``seg_weight > 0`` also
+      ``moving_seg``, ``fixed_seg`` int ``(B, D, H, W, 1)``.
+    loss_cfg: ``config.loss``.
+    seg_labels: the labels of the auxiliary Dice loss.
+
+  Returns:
+    ``(loss, metrics)``.
+  """
+  sim = image_loss(loss_cfg)
+  moving, fixed = batch["moving"], batch["fixed"]
+  fields = model.apply({"params": params}, moving, fixed, bidir=loss_cfg.bidir,
+                       method=type(model).fields)
+  disp = fields["disp"]
+  image_term = sim(fixed, transforms.warp(moving, disp))
+  if loss_cfg.bidir:
+    image_term = 0.5 * image_term + 0.5 * sim(moving, transforms.warp(fixed, fields["inverse"]))
+  smooth_term = grad_loss(fields["velocity"])
+  loss = image_term + loss_cfg.lam * smooth_term
+  out = {"image": image_term, "smooth": smooth_term}
+  if loss_cfg.seg_weight > 0:
+    if "moving_seg" not in batch or not len(seg_labels):
+      raise ValueError("config.loss.seg_weight > 0 needs labelled data and config.data.labels")
+    moved_seg = transforms.warp(one_hot_labels(batch["moving_seg"], seg_labels), disp)
+    seg_term = soft_dice_loss(moved_seg, one_hot_labels(batch["fixed_seg"], seg_labels))
+    loss = loss + loss_cfg.seg_weight * seg_term
+    out["seg"] = seg_term
+  out["loss"] = loss
+  return loss, out

@@ -158,12 +158,29 @@ class VxmDense(nn.Module):
     return out
 
 
-def vxm_dense(variant: str = "vm2", **kwargs) -> VxmDense:
-  """``VxmDense`` with the paper's feature widths: ``variant`` is ``"vm1"`` or ``"vm2"``."""
+def variant_features(variant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(enc_features, dec_features)`` of a paper variant: ``"vm1"`` or ``"vm2"``."""
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-  enc, dec = VARIANTS[variant]
+  return VARIANTS[variant]
+
+
+def vxm_dense(variant: str = "vm2", **kwargs) -> VxmDense:
+  """``VxmDense`` with the paper's feature widths: ``variant`` is ``"vm1"`` or ``"vm2"``."""
+  enc, dec = variant_features(variant)
   return VxmDense(enc_features=enc, dec_features=dec, **kwargs)
+
+
+def model_from_config(model_cfg) -> VxmDense:
+  """``VxmDense`` from ``config.model`` (``configs/default.py``): the ``variant`` preset's
+  widths unless ``enc_features`` / ``dec_features`` are given."""
+  enc, dec = variant_features(model_cfg.variant) if model_cfg.variant else ((), ())
+  enc = tuple(model_cfg.get("enc_features") or enc)
+  dec = tuple(model_cfg.get("dec_features") or dec)
+  if not enc or not dec:
+    raise ValueError("config.model: set variant ('vm1'/'vm2') or enc_features and dec_features")
+  return VxmDense(enc_features=enc, dec_features=dec, int_steps=model_cfg.int_steps,
+                  int_downsize=model_cfg.int_downsize, remat=model_cfg.get("remat", False))
 
 
 def init_variables(model: VxmDense, rng: jax.Array, spatial_shape, channels: int = 1):

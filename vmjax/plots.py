@@ -3,9 +3,9 @@ fig. 5, per-structure Dice box plots per method."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from vmjax.atomic import atomic_path
 
 
 def _pyplot():
@@ -103,7 +103,6 @@ def dice_boxplot(path: str, records: list[dict], labels, structure_name,
 
 def _save(fig, path: str) -> None:
   """Writes the PNG atomically."""
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}.png")
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=100)
   _pyplot().close(fig)

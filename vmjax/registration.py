@@ -11,6 +11,8 @@ import ml_collections
 import optax
 
 from vmjax import checks
+from vmjax import data
+from vmjax import losses
 from vmjax import transforms
 from vmjax.networks import VxmDense
 
@@ -55,7 +57,6 @@ def pad_to_multiple(x: jax.Array, multiple: int, mode: str = "constant"):
 
 def _network_input(volume, config) -> tuple[jax.Array, tuple]:
   """A scan prepared as in training (normalisation, downsampling), batched."""
-  from vmjax import data
   prepared = data.prepare(volume, config.data.normalize, config.data.downsample)
   return jnp.asarray(prepared.image)[None, ..., None], prepared.image.shape
 
@@ -66,8 +67,7 @@ def pair_loss_config(config) -> ml_collections.FrozenConfigDict:
 
 
 def _pair_loss(model: VxmDense, loss_cfg, params, moving: jax.Array, fixed: jax.Array):
-  from vmjax import train
-  return train.compute_loss(params, model, {"moving": moving, "fixed": fixed}, loss_cfg)[0]
+  return losses.compute_loss(params, model, {"moving": moving, "fixed": fixed}, loss_cfg)[0]
 
 
 # The training loss of one pair (``moving``, ``fixed``: ``(B, D, H, W, C)``).
@@ -109,7 +109,7 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
   ``INSTANCE_LR``). Compiled pieces are cached per shape.
 
   Args:
-    moving, fixed: :class:`vmjax.data.Volume` on the same voxel grid.
+    moving, fixed: :class:`vmjax.io.Volume` on the same voxel grid.
 
   Returns:
     dict with ``moved`` (the raw moving image warped, ``(D, H, W)``), ``disp``

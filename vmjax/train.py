@@ -7,12 +7,11 @@ Everything is read from an ``ml_collections`` config (``configs/default.py`` doc
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import flax.jax_utils
@@ -41,18 +40,6 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
 
-def model_from_config(model_cfg) -> networks.VxmDense:
-  """``VxmDense`` from ``config.model`` (``variant`` preset unless features are given)."""
-  enc, dec = networks.VARIANTS[model_cfg.variant] if model_cfg.variant else ((), ())
-  enc = tuple(model_cfg.get("enc_features") or enc)
-  dec = tuple(model_cfg.get("dec_features") or dec)
-  if not enc or not dec:
-    raise ValueError("config.model: set variant ('vm1'/'vm2') or enc_features and dec_features")
-  return networks.VxmDense(enc_features=enc, dec_features=dec, int_steps=model_cfg.int_steps,
-                           int_downsize=model_cfg.int_downsize,
-                           remat=model_cfg.get("remat", False))
-
-
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   """Adam (VoxelMorph: lr 1e-4), optionally with global-norm gradient clipping."""
   adam = optax.adam(opt_cfg.learning_rate, b1=opt_cfg.b1, b2=opt_cfg.b2)
@@ -63,63 +50,13 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
 
 def create_train_state(config, rng: jax.Array, spatial_shape) -> TrainState:
   """Initialises the model for ``spatial_shape`` volumes and the optimizer."""
-  model = model_from_config(config.model)
+  model = networks.model_from_config(config.model)
   init_rng, state_rng = jax.random.split(rng)
   variables = networks.init_variables(model, init_rng, spatial_shape)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                             tx=make_optimizer(config.optimizer), rng=state_rng)
   # A typed step counter: a Python int would change type after the first step and recompile.
   return state.replace(step=jnp.zeros((), jnp.int32))
-
-
-def _image_loss(loss_cfg) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  if loss_cfg.image == "ncc":
-    return functools.partial(losses.ncc_loss, window=loss_cfg.window)
-  if loss_cfg.image == "mse":
-    return losses.mse_loss
-  raise ValueError(f"config.loss.image must be 'ncc' or 'mse', got {loss_cfg.image!r}")
-
-
-def one_hot_labels(seg: jax.Array, labels) -> jax.Array:
-  """``(B, D, H, W, 1)`` int label map to ``(B, D, H, W, L)`` float one-hot over ``labels``."""
-  return (seg == jnp.asarray(labels, seg.dtype)).astype(jnp.float32)
-
-
-def compute_loss(params, model: networks.VxmDense, batch: dict, loss_cfg,
-                 seg_labels=()) -> tuple[jax.Array, dict]:
-  """The VoxelMorph objective for one batch.
-
-  ``sim(fixed, moving∘φ) [+ sim(moving, fixed∘φ⁻¹), each weighted 1/2 when bidirectional]
-  + lam · grad_loss(velocity) [+ seg_weight · soft_dice_loss(moving_seg∘φ, fixed_seg)]``.
-
-  Args:
-    batch: ``moving``, ``fixed`` ``(B, D, H, W, 1)``; with ``seg_weight > 0`` also
-      ``moving_seg``, ``fixed_seg`` int ``(B, D, H, W, 1)``.
-    seg_labels: the labels of the auxiliary Dice loss.
-
-  Returns:
-    ``(loss, metrics)``.
-  """
-  sim = _image_loss(loss_cfg)
-  moving, fixed = batch["moving"], batch["fixed"]
-  fields = model.apply({"params": params}, moving, fixed, bidir=loss_cfg.bidir,
-                       method=networks.VxmDense.fields)
-  disp = fields["disp"]
-  image_term = sim(fixed, transforms.warp(moving, disp))
-  if loss_cfg.bidir:
-    image_term = 0.5 * image_term + 0.5 * sim(moving, transforms.warp(fixed, fields["inverse"]))
-  smooth_term = losses.grad_loss(fields["velocity"])
-  loss = image_term + loss_cfg.lam * smooth_term
-  out = {"image": image_term, "smooth": smooth_term}
-  if loss_cfg.seg_weight > 0:
-    if "moving_seg" not in batch or not len(seg_labels):
-      raise ValueError("config.loss.seg_weight > 0 needs labelled data and config.data.labels")
-    moved_seg = transforms.warp(one_hot_labels(batch["moving_seg"], seg_labels), disp)
-    seg_term = losses.soft_dice_loss(moved_seg, one_hot_labels(batch["fixed_seg"], seg_labels))
-    loss = loss + loss_cfg.seg_weight * seg_term
-    out["seg"] = seg_term
-  out["loss"] = loss
-  return loss, out
 
 
 def augment_batch(rng: jax.Array, batch: dict, aug_cfg) -> dict:
@@ -144,7 +81,7 @@ def make_train_step(config, seg_labels=(), axis_name: str | None = AXIS):
   With ``axis_name`` (inside ``jax.pmap``) gradients and metrics are averaged over devices with
   ``lax.pmean``, so N devices with a batch each update like one device with N batches.
   """
-  model = model_from_config(config.model)
+  model = networks.model_from_config(config.model)
   loss_cfg, aug_cfg = config.loss, config.augment
   augmenting = _augmentation_enabled(aug_cfg)
   seg_labels = tuple(seg_labels)
@@ -155,7 +92,7 @@ def make_train_step(config, seg_labels=(), axis_name: str | None = AXIS):
       if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
       batch = augment_batch(rng, batch, aug_cfg)
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(losses.compute_loss, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, model, batch, loss_cfg, seg_labels)
     if axis_name is not None:
       grads = lax.pmean(grads, axis_name)
@@ -168,8 +105,8 @@ def make_train_step(config, seg_labels=(), axis_name: str | None = AXIS):
 def make_eval_step(config, labels):
   """``eval_step(params, moving, fixed, moving_seg, fixed_seg) -> metrics`` (jitted, one pair
   batch): image loss, folding fraction, and per-label Dice before and after registration."""
-  model = model_from_config(config.model)
-  sim = _image_loss(config.loss)
+  model = networks.model_from_config(config.model)
+  sim = losses.image_loss(config.loss)
   labels = tuple(labels)
 
   @jax.jit
@@ -241,7 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   local_devices, devices = jax.local_device_count(), jax.device_count()
   os.makedirs(workdir, exist_ok=True)
 
-  dataset = data_lib.build(config, shard=(process, processes))
+  model = networks.model_from_config(config.model)
+  dataset = data_lib.build(config, shard=(process, processes), levels=model.levels)
   spatial_shape = dataset.spatial_shape
   per_device = config.per_device_batch_size
   logging.info("devices: %d (%d local, process %d of %d); global batch %d = %d per device x %d "
@@ -251,6 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = create_train_state(config, jax.random.PRNGKey(config.seed), spatial_shape)
   manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"), config)
+  best = checkpoints.CheckpointManager(os.path.join(workdir, checkpoints.BEST), config,
+                                       best_metric="dice")
   state, meta = manager.restore_latest(state)
   start = int(state.step)
   if meta is not None:
@@ -299,6 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("validation at step %d: %s", done,
                      "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
         writer.write(done, {f"val/{k}": v for k, v in summary.items()})
+        if "dice" in summary:
+          best.save(done, jax.device_get(unreplicate(p_state)), data_position=done,
+                    metrics={"dice": summary["dice"]})
       if done % config.checkpoint_every == 0 or done == num_steps or preemption.requested:
         save(done)
       if preemption.requested:
@@ -306,10 +249,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   finally:
     manager.wait_until_finished()
+    best.wait_until_finished()
     writer.close()
     preemption.restore()
   if summary and "dice" in summary:
     logging.info("validation Dice before registration %.4f -> after %.4f (%d pairs)",
                  summary["dice_before"], summary["dice"], len(dataset.val_pairs))
-  logging.info("checkpoints in %s (latest step %s)", manager.directory, manager.latest_step())
+  logging.info("checkpoints in %s (latest step %s; best validation Dice: step %s in %s)",
+               manager.directory, manager.latest_step(), best.latest_step(), best.directory)
   return summary

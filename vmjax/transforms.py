@@ -104,7 +104,7 @@ def _trilinear(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
   out = 0.0
   for flat, valid, (f0, f1, f2), _ in _corners(coords, image.shape[1:4], mode):
     out = out + (f0 * f1 * f2 * valid) * _gather(values, flat)
-  return out.reshape(image.shape[:4] + (c,))
+  return out.reshape(coords.shape[:4] + (c,))
 
 
 def _trilinear_fwd(image, coords, mode):
@@ -138,7 +138,9 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "constan
 
   Args:
     image: ``(B, D, H, W, C)`` volume (any float dtype; integer label maps with ``order=0``).
-    disp: ``(B, D, H, W, 3)`` displacement in voxels, same spatial shape as ``image``.
+    disp: ``(B, D, H, W, 3)`` displacement in voxels. Usually on ``image``'s own grid; a field
+      of another spatial shape maps its grid into ``image``'s (``x + disp(x)`` indexes
+      ``image``) and the output lies on the field's grid (``vmjax.pipeline``'s fields).
     order: 1 = trilinear (differentiable in ``image`` and ``disp``); 0 = nearest neighbour,
       for label maps: every output value is a value of the input (labels stay labels).
     mode: out-of-volume handling of ``jax.scipy.ndimage.map_coordinates``: ``"constant"``
@@ -146,19 +148,19 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "constan
       ``"wrap"``, ``"mirror"``, ``"reflect"``.
 
   Returns:
-    ``(B, D, H, W, C)`` warped volume with ``image``'s dtype.
+    ``(B, D, H, W, C)`` (``disp``'s spatial shape) warped volume with ``image``'s dtype.
   """
   if image.ndim != 5 or disp.ndim != 5 or disp.shape[-1] != 3:
     raise ValueError(f"warp expects image (B, D, H, W, C) and disp (B, D, H, W, 3); got image "
                      f"{tuple(image.shape)} and disp {tuple(disp.shape)}")
-  if image.shape[:4] != disp.shape[:4]:
+  if image.shape[0] != disp.shape[0]:
     raise ValueError(f"warp: image {tuple(image.shape)} and disp {tuple(disp.shape)} differ in "
-                     "batch or spatial shape")
+                     "batch size")
   if order not in (0, 1):
     raise ValueError(f"warp: order must be 0 (nearest) or 1 (trilinear), got {order}")
   if mode not in _MODES:
     raise ValueError(f"warp: mode must be one of {_MODES}, got {mode!r}")
-  coords = identity_grid(image.shape[1:4]) + disp.astype(jnp.float32)
+  coords = identity_grid(disp.shape[1:4]) + disp.astype(jnp.float32)
   if order == 1 and mode in ("constant", "nearest") and jnp.issubdtype(image.dtype,
                                                                       jnp.floating):
     return _trilinear(image, coords, mode).astype(image.dtype)

@@ -1,0 +1,136 @@
+"""Two scans on any grids in, outputs on the fixed scan's grid out: affine alignment of both
+scans to the model's space, the network there, and one displacement that composes both parts.
+
+Coordinates: ``V_m``, ``V_f``, ``S`` are the voxel-to-world matrices of the moving scan, the
+fixed scan and the model's grid; ``A_m``, ``A_f`` (:func:`vmjax.affine.affine_register`) map the
+model space's world to each scan's world. For a fixed voxel ``x`` the model-grid voxel is
+``t = S^-1 A_f^-1 V_f x``, the network's displacement moves it to ``t + d(t)``, and the moving
+voxel it samples is ``y = V_m^-1 A_m S (t + d(t))``. The composed field is ``u(x) = y - x`` in
+voxel index units (``moved(x) = moving(x + u(x))``, vmjax's convention, which reduces to the
+network's own field when both scans are on the model's grid), and the same map in world
+coordinates is what :mod:`vmjax.ants_io` writes for ANTs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vmjax import affine as affine_lib
+from vmjax import metrics
+from vmjax import registration
+from vmjax import transforms
+from vmjax.checks import DataError
+from vmjax.io import Volume
+
+
+@dataclasses.dataclass
+class ModelSpace:
+  """Where a model registers: its grid (``shape``, voxel-to-world ``affine``, the training
+  scans' 1 mm grid) and a template image in it for the affine step (any grid of that space)."""
+  shape: tuple
+  affine: np.ndarray
+  template: Volume
+
+
+def same_grid(a: Volume, b: Volume) -> bool:
+  return a.image.shape == b.image.shape and np.allclose(a.affine, b.affine, atol=1e-3)
+
+
+def _voxel_map(points_shape, matrix: np.ndarray) -> jax.Array:
+  """``matrix · x`` (4x4, voxel to voxel) for every voxel ``x`` of a grid, ``(D, H, W, 3)``."""
+  grid = transforms.identity_grid(points_shape)
+  m = jnp.asarray(matrix, jnp.float32)
+  return jnp.einsum("ij,...j->...i", m[:3, :3], grid) + m[:3, 3]
+
+
+def compose_on_fixed_grid(fixed: Volume, moving: Volume, space: ModelSpace, a_fixed: np.ndarray,
+                          a_moving: np.ndarray, disp: jax.Array | None) -> jax.Array:
+  """The composed displacement ``u`` ``(D, H, W, 3)`` on the fixed grid (module docstring);
+  ``disp=None``: the affine part alone."""
+  to_model = np.linalg.inv(space.affine) @ np.linalg.inv(a_fixed) @ fixed.affine
+  t = _voxel_map(fixed.image.shape, to_model)
+  if disp is not None:
+    # d(t): the network's field sampled at t, edge values outside the model's grid.
+    d = jnp.stack([jax.scipy.ndimage.map_coordinates(disp[..., c], list(jnp.moveaxis(t, -1, 0)),
+                                                     order=1, mode="nearest")
+                   for c in range(3)], axis=-1)
+    t = t + d
+  to_moving = jnp.asarray(np.linalg.inv(moving.affine) @ a_moving @ space.affine, jnp.float32)
+  y = jnp.einsum("ij,...j->...i", to_moving[:3, :3], t) + to_moving[:3, 3]
+  return y - transforms.identity_grid(fixed.image.shape)
+
+
+def _apply(moving: Volume, u: jax.Array) -> dict:
+  out = {"moved": transforms.warp(jnp.asarray(moving.image)[None, ..., None], u[None])[0, ..., 0]}
+  if moving.seg is not None:
+    out["moved_seg"] = transforms.warp(jnp.asarray(moving.seg)[None, ..., None], u[None],
+                                       order=0)[0, ..., 0]
+  return out
+
+
+def world_jacobian(u: jax.Array, fixed: Volume, moving: Volume) -> jax.Array:
+  """Jacobian determinant ``(D, H, W)`` of the world map (moving mm per fixed mm) of a field
+  between two grids: the index map's, scaled by ``det V_m / det V_f`` (so grids of opposite
+  handedness do not read as folds)."""
+  scale = np.linalg.det(moving.affine[:3, :3]) / np.linalg.det(fixed.affine[:3, :3])
+  return metrics.jacobian_determinant(u[None])[0] * scale
+
+
+def register_pair(model, variables, config, moving: Volume, fixed: Volume,
+                  space: ModelSpace | None = None, affine: str = "affine",
+                  instance_steps: int = 0, instance_lr: float | None = None,
+                  deformable: bool = True) -> dict:
+  """Registers ``moving`` to ``fixed``, each on its own grid, through the model's space.
+
+  Args:
+    affine: ``"affine"``: both scans are aligned (rigid, then affine) to ``space.template``,
+      resampled onto the model's grid, registered there, and the result composed back onto the
+      fixed grid; ``"none"``: the scans are already aligned and on one grid (else a
+      :class:`DataError`), registered directly as :func:`vmjax.registration.register_scans`.
+    deformable: False stops after the affine step (its result alone, no network).
+
+  Returns:
+    dict with ``disp`` (``(D, H, W, 3)`` on the fixed grid, moving voxel = x + disp),
+    ``moved``, ``moved_seg`` (if the moving scan has labels), ``affine_moved_seg`` (the labels
+    after the affine part alone), ``world`` (4x4: fixed world -> moving world of the affine part;
+    identity with ``affine="none"``), ``jacobian_det`` (:func:`world_jacobian`),
+    ``loss_before`` / ``loss_after`` (the network's loss in the model space).
+  """
+  if affine == "none":
+    if not same_grid(moving, fixed):
+      raise DataError(
+          f"--affine=none needs both scans on one voxel grid, but moving {moving.path} "
+          f"{moving.image.shape} and fixed {fixed.path} {fixed.image.shape} differ in shape or "
+          "affine; use --affine=affine to align them first")
+    out = registration.register_scans(model, variables, config, moving, fixed, instance_steps,
+                                      instance_lr)
+    out["world"] = np.eye(4)
+    out["affine_moved_seg"] = moving.seg
+    out["jacobian_det"] = world_jacobian(out["disp"], fixed, moving)
+    return out
+  if affine != "affine":
+    raise ValueError(f"affine must be 'affine' or 'none', got {affine!r}")
+  if space is None:
+    raise ValueError("affine='affine' needs the model's space (vmjax.pretrained.space(...))")
+  a_moving = affine_lib.affine_register(moving, space.template)
+  a_fixed = affine_lib.affine_register(fixed, space.template)
+  result = {"world": a_moving @ np.linalg.inv(a_fixed)}
+  u_affine = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, None)
+  if moving.seg is not None:
+    result["affine_moved_seg"] = _apply(moving, u_affine)["moved_seg"]
+  if deformable:
+    in_space = [affine_lib.resample_volume(v, a, space.affine, space.shape)
+                for v, a in ((moving, a_moving), (fixed, a_fixed))]
+    out = registration.register_scans(model, variables, config, *in_space, instance_steps,
+                                      instance_lr)
+    u = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, out["disp"])
+    result.update(loss_before=out["loss_before"], loss_after=out["loss_after"],
+                  variables=out["variables"])
+  else:
+    u = u_affine
+  result.update(disp=u, jacobian_det=world_jacobian(u, fixed, moving), **_apply(moving, u))
+  return result

@@ -1,0 +1,1 @@
+"""Shipped pretrained models (data files; see ``vmjax/pretrained.py``)."""
