@@ -79,7 +79,7 @@ def main(argv):
 
 def entry_point():
   """``vmjax-apply`` (installed command)."""
-  app.run(main)
+  cli.run_main(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

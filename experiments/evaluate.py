@@ -35,6 +35,7 @@ import numpy as np
 from vmjax import augment
 from vmjax import checkpoints
 from vmjax import checks
+from vmjax import cli
 from vmjax import data
 from vmjax import evaluation
 from vmjax import io
@@ -195,7 +196,7 @@ def main(argv):
 
 def entry_point():
   """``vmjax-evaluate`` (installed command)."""
-  app.run(main)
+  cli.run_main(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

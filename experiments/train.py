@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vmjax import cli
 from vmjax import train
 
 FLAGS = flags.FLAGS
@@ -30,7 +31,7 @@ def main(argv):
 
 def entry_point():
   """``vmjax-train`` (installed command)."""
-  app.run(main)
+  cli.run_main(main, __name__, __doc__)
 
 
 if __name__ == "__main__":
