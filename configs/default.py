@@ -65,5 +65,6 @@ def get_config(arg=None):
   config.eval_every = 2_000
   config.checkpoint_every = 2_000
   config.keep_checkpoints = 3
+  config.nonfinite_patience = 10      # stop after this many non-finite steps in a row (skipped)
   config.distributed = False          # jax.distributed.initialize() (multi-host)
   return config_args.apply_arg(config, arg)

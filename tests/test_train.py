@@ -1,5 +1,6 @@
 """Training: pmap equivalence, learning, exact resume, checkpoint robustness, preemption."""
 
+import json
 import os
 import pathlib
 import signal
@@ -104,7 +105,17 @@ def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path):
   train.train_and_evaluate(tiny_config(data_dir, num_steps=2, **augment), str(tmp_path / "cut"))
   _, meta = params_of(tmp_path / "cut")
   assert meta["step"] == 2
+  # A run killed after step 4's log line but before its next checkpoint left rows behind.
+  with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+    for step in (3, 4):
+      f.write(json.dumps({"step": step, "time": 0.0, "train/loss": 123.0}) + "\n")
   train.train_and_evaluate(tiny_config(data_dir, num_steps=4, **augment), str(tmp_path / "cut"))
+  rows = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in rows if "train/loss" in r]
+  assert train_steps == [1, 2, 3, 4] and all(r["train/loss"] != 123.0 for r in rows
+                                               if "train/loss" in r)
+  config = json.loads((tmp_path / "cut" / "config.json").read_text())
+  assert config["num_steps"] == 4 and config["model"]["enc_features"] == [4, 8]
 
   uninterrupted, meta_a = params_of(tmp_path / "full")
   resumed, meta_b = params_of(tmp_path / "cut")
@@ -144,6 +155,9 @@ def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):
   first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "global batch 4 = 1 per device x 4 devices" in first.stderr
+  assert "convolutions: " in first.stderr
+  # vmjax's own progress, not orbax's INFO chatter (shown with --library_logs).
+  assert "checkpoint_manager.py" not in first.stderr, first.stderr[-2000:]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 6]
   second = subprocess.run(cmd + ["--config.num_steps=8"], cwd=REPO, env=env,
@@ -151,3 +165,30 @@ def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from checkpoint at step 6" in second.stderr
   assert "step 7/8" in second.stderr and "step 1/8" not in second.stderr
+
+
+def test_non_finite_steps_are_skipped_and_the_run_stops_after_its_patience(tmp_path,
+                                                                            monkeypatch):
+  data_dir = write_subjects(tmp_path / "data")
+  config = tiny_config(data_dir, num_steps=20, checkpoint_every=2, eval_every=100,
+                       nonfinite_patience=3)
+  sample = train.data_lib.PairSampler.batch
+
+  def nan_from_step_5(self, step, local_devices, per_device):
+    batch = sample(self, step, local_devices, per_device)
+    if step >= 4:  # the 5th step on: the loss is NaN
+      batch["moving"] = np.full_like(batch["moving"], np.nan)
+    return batch
+
+  monkeypatch.setattr(train.data_lib.PairSampler, "batch", nan_from_step_5)
+  with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps up to step 7"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  # Every checkpoint holds finite parameters, and those of the last good step (4).
+  good, meta = params_of(tmp_path / "run")
+  assert meta["step"] == 6  # saved mid-streak: its update was skipped
+  for leaf in jax.tree_util.tree_leaves(good.params):
+    assert np.isfinite(np.asarray(leaf)).all()
+  four, _ = checkpoints.CheckpointManager(str(tmp_path / "run" / "checkpoints"),
+                                          config).restore_latest(good, step=4)
+  for a, b in zip(jax.tree_util.tree_leaves(four.params), jax.tree_util.tree_leaves(good.params)):
+    np.testing.assert_array_equal(a, b)

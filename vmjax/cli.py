@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import sys
 from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
+
+flags.DEFINE_bool("library_logs", False, "Also show other libraries' INFO logs (orbax, jax); "
+                  "by default the log is vmjax's own progress plus everyone's warnings.")
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 # What bad input raises: DataError (a ValueError) for scans and settings, FileNotFoundError for
 # missing models or workdirs, OSError for unreadable or unwritable paths.
@@ -27,9 +35,28 @@ def run_reporting_errors(command: str, run: Callable[[], None]) -> None:
 def run_main(main: Callable, module_name: str, doc: str | None) -> None:
   """``absl.app.run(main)`` for a module that may be an installed command's target rather than
   ``__main__``: ``--help`` then still shows the module's docstring and flags."""
+  own = (_PACKAGE, os.path.dirname(os.path.abspath(sys.modules[module_name].__file__)))
+
+  def quiet_libraries(argv):
+    if not flags.FLAGS.library_logs:
+      logging.get_absl_handler().addFilter(_OwnInfoOnly(own))
+    return main(argv)
+
   main_module = sys.modules["__main__"]
   if not main_module.__doc__:
     main_module.__doc__ = doc
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main)
+  app.run(quiet_libraries)
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """Passes warnings and errors from anyone, INFO only from files under ``prefixes``."""
+
+  def __init__(self, prefixes):
+    super().__init__()
+    self.prefixes = tuple(prefixes)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING
+            or os.path.abspath(record.pathname).startswith(self.prefixes))

@@ -114,6 +114,14 @@ def onednn_available() -> bool:
   return True
 
 
+def describe_path() -> str:
+  """Which convolution the default backend runs, for the start-up log."""
+  backend = jax.default_backend()
+  if backend != "cpu":
+    return f"XLA's ({backend})"
+  return "oneDNN (cpu)" if onednn_available() else "XLA's (cpu; oneDNN unavailable)"
+
+
 _force_xla = False
 
 

@@ -8,17 +8,23 @@ import time
 
 from absl import logging
 
+from vmjax.atomic import atomic_path
+
 
 class MetricWriter:
   """Writes scalar metrics; a no-op where ``enabled`` is False (every process but the first)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+    """``resume_step``: the step training resumes from; rows after it (written by the run that
+    was interrupted after its last checkpoint) are dropped, so the file reads as one run."""
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_after(path, resume_step)
+    self._jsonl = open(path, "a", buffering=1)
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -39,3 +45,16 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps only the rows of ``path`` up to ``step`` (atomically; nothing to do if none later)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) == len(lines):
+    return
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    f.writelines(kept)

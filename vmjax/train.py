@@ -25,12 +25,14 @@ import optax
 
 from vmjax import augment
 from vmjax import checkpoints
+from vmjax import conv
 from vmjax import data as data_lib
 from vmjax import losses
 from vmjax import metrics as metrics_lib
 from vmjax import networks
 from vmjax import summaries
 from vmjax import transforms
+from vmjax.atomic import atomic_path
 
 AXIS = "devices"
 
@@ -97,7 +99,17 @@ def make_train_step(config, seg_labels=(), axis_name: str | None = AXIS):
     if axis_name is not None:
       grads = lax.pmean(grads, axis_name)
       metrics = lax.pmean(metrics, axis_name)
-    return state.apply_gradients(grads=grads), metrics
+    # A non-finite loss or gradient is skipped: parameters and optimizer state stay as they
+    # were (the step still counts, so data position and PRNG stay aligned with it).
+    finite = jnp.isfinite(metrics["loss"])
+    for g in jax.tree_util.tree_leaves(grads):
+      finite &= jnp.all(jnp.isfinite(g))
+    updated = state.apply_gradients(grads=grads)
+    def keep(new, old):
+      return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = updated.replace(params=keep(updated.params, state.params),
+                            opt_state=keep(updated.opt_state, state.opt_state))
+    return state, {**metrics, "finite": finite.astype(jnp.float32)}
 
   return train_step
 
@@ -179,6 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
 
   model = networks.model_from_config(config.model)
+  logging.info("platform %s, %s; convolutions: %s", jax.default_backend(),
+               jax.devices()[0].device_kind, conv.describe_path())
   dataset = data_lib.build(config, shard=(process, processes), levels=model.levels)
   spatial_shape = dataset.spatial_shape
   per_device = config.per_device_batch_size
@@ -205,7 +219,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Through an identity pmap so the state already has the sharding p_step returns (else the
   # second step compiles p_step again).
   p_state = jax.pmap(lambda s: s, axis_name=AXIS)(flax.jax_utils.replicate(state))
-  writer = summaries.MetricWriter(workdir, enabled=process == 0)
+  writer = summaries.MetricWriter(workdir, enabled=process == 0, resume_step=start)
+  if process == 0:
+    with atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   preemption = _Preemption()
   num_steps = config.num_steps
   summary: dict[str, Any] = {}
@@ -217,11 +234,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.save(step, jax.device_get(unreplicate(p_state)), data_position=step)
 
   tick, tick_step = time.time(), start
+  patience, skipped = config.get("nonfinite_patience", 10), 0
   try:
     for step in range(start, num_steps):
       batch = dataset.sampler.batch(step, local_devices, per_device)
       p_state, step_metrics = p_step(p_state, batch)
       done = step + 1
+      # One scalar per step from the device (a sync; the step's own compute dominates).
+      if float(step_metrics["finite"][0]):
+        skipped = 0
+      else:
+        skipped += 1
+        logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row; "
+                        "the run stops at %d)", done, skipped, patience)
+        if skipped >= patience:
+          raise FloatingPointError(
+              f"training diverged: {skipped} consecutive non-finite steps up to step {done} "
+              f"(config.nonfinite_patience={patience}); the last good checkpoint is step "
+              f"{manager.latest_step()} in {manager.directory}")
       if done % config.log_every == 0 or done == num_steps:
         step_metrics = {k: float(v) for k, v in jax.device_get(unreplicate(step_metrics)).items()}
         now = time.time()
