@@ -1,8 +1,8 @@
 r"""Applies a saved registration to another image or label map of the moving scan.
 
   python -m experiments.apply --warp=warp.nii.gz --input=moving_t2.nii.gz --output=t2_moved.nii.gz
-  python -m experiments.apply --warp=warp_ants.nii.gz --input=aparc.mgz --output=aparc_moved.nii.gz \
-      --labels
+  python -m experiments.apply --warp=warp_ants.nii.gz --input=aparc.mgz \
+      --output=aparc_moved.nii.gz --labels
 
 ``--warp`` is either file ``vmjax-register`` writes: ``--warp`` (voxels, ``(D, H, W, 3)``; the
 input must then be on the moving scan's grid) or ``--warp_ants`` (the ITK displacement field in

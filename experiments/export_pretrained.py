@@ -31,6 +31,7 @@ flags.DEFINE_string("workdir", None, "Training workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: best validation Dice).")
 flags.DEFINE_string("name", pretrained.DEFAULT, "Model name.")
 flags.DEFINE_string("hardware", "", "What trained it (for the model card).")
+flags.DEFINE_string("description", "", "What it was trained on and how (for the model card).")
 flags.DEFINE_string("licence", "CC BY-NC-SA 3.0 (derived from the OASIS-TRT-20 / Mindboggle-101 "
                     "training scans): research and non-commercial use, with attribution (Klein & "
                     "Tourville 2012), derivatives under the same licence. vmjax's code is "
@@ -78,12 +79,16 @@ def main(argv):
   config = meta["config"]
   low, shape, grid_affine = template(ml_collections.ConfigDict(config))
   config["data"]["normalize"] = "foreground"  # native scans in: scale as the training data were
+  for key in ("train", "val", "atlas", "labels"):  # this machine's paths: keep the file names
+    config["data"][key] = ",".join(os.path.join(*p.split(os.sep)[-2:]) if os.sep in p else p
+                                   for p in str(config["data"][key]).split(",") if p)
   val = history.get(step, {})
   card = {
       "name": FLAGS.name,
       "config": config,
       "grid": {"shape": list(shape), "affine": np.asarray(grid_affine).tolist()},
-      "training": {"workdir_step": step, "steps_trained": max(steps),
+      "training": {"description": FLAGS.description, "checkpoint_step": step,
+                   "steps_trained": max(steps),
                    "validation_dice": val.get("val/dice"),
                    "validation_dice_before": val.get("val/dice_before"),
                    "validation_folding": val.get("val/folding"),

@@ -10,7 +10,8 @@ then affine), registered there, and every output is on the fixed scan's grid wit
 ``--moved``, ``--moved_seg`` (nearest neighbour), ``--warp`` ((D, H, W, 3) float32: the moving
 voxel each fixed voxel samples, minus its own index: moved(x) = moving(x + warp(x))) and
 ``--warp_ants`` (the same map as an ITK/ANTs displacement field: 5-D, vector intent, LPS mm,
-for ``antsApplyTransforms -t``). ``--affine=none`` registers scans already on one grid.
+for ``antsApplyTransforms -t``; ``--warp_ants_inverse``: its inverse on the moving grid, for
+diffeomorphic models). ``--affine=none`` registers scans already on one grid.
 Errors (bad input, missing model) are one line on stderr and exit code 1; nothing is written.
 """
 
@@ -42,6 +43,8 @@ flags.DEFINE_string("moved", None, "Output: the moving scan on the fixed grid.")
 flags.DEFINE_string("warp", None, "Output: displacement (D, H, W, 3) in voxels of the fixed grid.")
 flags.DEFINE_string("warp_ants", None, "Output: the same transform as an ANTs/ITK displacement "
                     "field (LPS mm; antsApplyTransforms reads it).")
+flags.DEFINE_string("warp_ants_inverse", None, "Output (diffeomorphic models): the inverse "
+                    "transform as an ANTs/ITK displacement field on the moving grid.")
 flags.DEFINE_string("moving_seg", None, "Optional labels of the moving scan.")
 flags.DEFINE_string("moved_seg", None, "Output: the labels warped (nearest neighbour).")
 flags.DEFINE_enum("affine", "affine", ["affine", "none"],
@@ -71,7 +74,8 @@ def run():
                          "models); with --workdir use --affine=none on aligned scans")
   start = time.perf_counter()
   result = pipeline.register_pair(model, variables, config, moving, fixed, space, FLAGS.affine,
-                                  FLAGS.instance_steps, FLAGS.instance_lr)
+                                  FLAGS.instance_steps, FLAGS.instance_lr,
+                                  inverse=bool(FLAGS.warp_ants_inverse))
   jax.block_until_ready(result["disp"])
   logging.info("registered in %.2f s (compile included); loss %.5f -> %.5f%s",
                time.perf_counter() - start, result["loss_before"], result["loss_after"],
@@ -88,6 +92,11 @@ def run():
   if FLAGS.warp_ants:
     ants_io.save_ants_warp(FLAGS.warp_ants, disp, fixed, moving)
     logging.info("wrote %s (ANTs/ITK displacement field)", os.path.abspath(FLAGS.warp_ants))
+  if FLAGS.warp_ants_inverse:
+    ants_io.save_ants_warp(FLAGS.warp_ants_inverse, np.asarray(result["inverse_disp"]), moving,
+                           fixed)
+    logging.info("wrote %s (inverse ANTs/ITK displacement field, moving grid)",
+                 os.path.abspath(FLAGS.warp_ants_inverse))
 
 
 def main(argv):

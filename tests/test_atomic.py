@@ -31,5 +31,6 @@ def test_failure_keeps_the_previous_file_and_removes_the_temporary(tmp_path):
 
 
 def test_two_writers_of_one_output_get_different_temporary_files(tmp_path):
-  with atomic_path(str(tmp_path / "a.png")) as first, atomic_path(str(tmp_path / "a.png")) as second:
+  target = str(tmp_path / "a.png")
+  with atomic_path(target) as first, atomic_path(target) as second:
     assert first != second

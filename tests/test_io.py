@@ -60,7 +60,8 @@ def test_real_oasis_subject_reads_with_labels(shared_data):
   root = shared_data / "oasis_trt20"
   volume = io.load_volume(*io.resolve_sources(str(root / "OASIS-TRT-20-1" / "t1.nii.gz"),
                                                   ("t1", "labels"))[0])
-  assert volume.image.shape == (160, 192, 160) and 0 <= volume.image.min() <= volume.image.max() <= 1
+  assert volume.image.shape == (160, 192, 160)
+  assert 0 <= volume.image.min() <= volume.image.max() <= 1
   labels = data.read_labels(str(root / "labels.txt"))
   assert len(labels) == 98 and set(labels) <= set(np.unique(volume.seg))
 

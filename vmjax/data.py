@@ -3,8 +3,8 @@
 Volumes are read by :mod:`vmjax.io` (NIfTI, MGH, npz). Registration data sets are small (tens
 to hundreds of volumes), so each process loads its shard once into memory; the sampler is a
 pure function of ``(seed, step, process)``, which makes the data iterator's position simply the
-step number (exact resume) and shards cleanly across hosts. Augmentation runs on the accelerator inside the
-jitted train step (``vmjax.augment``).
+step number (exact resume) and shards cleanly across hosts. Augmentation runs on the accelerator
+inside the jitted train step (``vmjax.augment``).
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def build(config, shard: tuple[int, int] = (0, 1), levels: int | None = None) ->
     else:
       val_pairs = [(val[i], val[(i + 1) % len(val)]) for i in range(len(val))]
   if d.val_synthetic:
-    val_pairs += augment.synthetic_pairs(atlas or train[0], d.val_synthetic, d.val_seed, config.augment)
+    val_pairs += augment.synthetic_pairs(atlas or train[0], d.val_synthetic, d.val_seed,
+                                         config.augment)
   for moving, fixed in val_pairs:
     if moving.image.shape != spatial_shape:
       raise DataError(f"validation volume {moving.path} has shape {moving.image.shape}, "

@@ -40,7 +40,7 @@ def same_grid(a: Volume, b: Volume) -> bool:
   return a.image.shape == b.image.shape and np.allclose(a.affine, b.affine, atol=1e-3)
 
 
-def _voxel_map(points_shape, matrix: np.ndarray) -> jax.Array:
+def voxel_map(points_shape, matrix: np.ndarray) -> jax.Array:
   """``matrix · x`` (4x4, voxel to voxel) for every voxel ``x`` of a grid, ``(D, H, W, 3)``."""
   grid = transforms.identity_grid(points_shape)
   m = jnp.asarray(matrix, jnp.float32)
@@ -52,7 +52,7 @@ def compose_on_fixed_grid(fixed: Volume, moving: Volume, space: ModelSpace, a_fi
   """The composed displacement ``u`` ``(D, H, W, 3)`` on the fixed grid (module docstring);
   ``disp=None``: the affine part alone."""
   to_model = np.linalg.inv(space.affine) @ np.linalg.inv(a_fixed) @ fixed.affine
-  t = _voxel_map(fixed.image.shape, to_model)
+  t = voxel_map(fixed.image.shape, to_model)
   if disp is not None:
     # d(t): the network's field sampled at t, edge values outside the model's grid.
     d = jnp.stack([jax.scipy.ndimage.map_coordinates(disp[..., c], list(jnp.moveaxis(t, -1, 0)),
@@ -83,7 +83,7 @@ def world_jacobian(u: jax.Array, fixed: Volume, moving: Volume) -> jax.Array:
 def register_pair(model, variables, config, moving: Volume, fixed: Volume,
                   space: ModelSpace | None = None, affine: str = "affine",
                   instance_steps: int = 0, instance_lr: float | None = None,
-                  deformable: bool = True) -> dict:
+                  deformable: bool = True, inverse: bool = False) -> dict:
   """Registers ``moving`` to ``fixed``, each on its own grid, through the model's space.
 
   Args:
@@ -92,6 +92,8 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
       fixed grid; ``"none"``: the scans are already aligned and on one grid (else a
       :class:`DataError`), registered directly as :func:`vmjax.registration.register_scans`.
     deformable: False stops after the affine step (its result alone, no network).
+    inverse: also ``inverse_disp`` (diffeomorphic models): the same map backwards, as a field on
+      the moving grid (fixed voxel = y + inverse_disp(y)).
 
   Returns:
     dict with ``disp`` (``(D, H, W, 3)`` on the fixed grid, moving voxel = x + disp),
@@ -107,7 +109,7 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
           f"{moving.image.shape} and fixed {fixed.path} {fixed.image.shape} differ in shape or "
           "affine; use --affine=affine to align them first")
     out = registration.register_scans(model, variables, config, moving, fixed, instance_steps,
-                                      instance_lr)
+                                      instance_lr, inverse)
     out["world"] = np.eye(4)
     out["affine_moved_seg"] = moving.seg
     out["jacobian_det"] = world_jacobian(out["disp"], fixed, moving)
@@ -126,11 +128,17 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
     in_space = [affine_lib.resample_volume(v, a, space.affine, space.shape)
                 for v, a in ((moving, a_moving), (fixed, a_fixed))]
     out = registration.register_scans(model, variables, config, *in_space, instance_steps,
-                                      instance_lr)
+                                      instance_lr, inverse)
     u = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, out["disp"])
+    if inverse:  # the same composition with the roles of the scans swapped
+      result["inverse_disp"] = compose_on_fixed_grid(moving, fixed, space, a_moving, a_fixed,
+                                                     out["inverse_disp"])
     result.update(loss_before=out["loss_before"], loss_after=out["loss_after"],
                   variables=out["variables"])
   else:
     u = u_affine
+    if inverse:
+      result["inverse_disp"] = compose_on_fixed_grid(moving, fixed, space, a_moving, a_fixed,
+                                                     None)
   result.update(disp=u, jacobian_det=world_jacobian(u, fixed, moving), **_apply(moving, u))
   return result

@@ -97,8 +97,13 @@ def instance_optimise(model: VxmDense, loss_cfg, steps: int, params, moving: jax
 INSTANCE_LR = 1e-4
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _inverse_field(model: VxmDense, variables, moving: jax.Array, fixed: jax.Array):
+  return model.apply(variables, moving, fixed, bidir=True)[1]
+
+
 def register_scans(model: VxmDense, variables, config, moving, fixed, instance_steps: int = 0,
-                   instance_lr: float | None = None) -> dict:
+                   instance_lr: float | None = None, inverse: bool = False) -> dict:
   """Registers two scans of any size on the same grid, as trained.
 
   The scans are prepared like the training data (``config.data.normalize``, ``downsample``),
@@ -115,8 +120,12 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
     dict with ``moved`` (the raw moving image warped, ``(D, H, W)``), ``disp``
     (``(D, H, W, 3)``, voxels of the full grid), ``moved_seg`` (if ``moving.seg``),
     ``loss_before``/``loss_after`` (the training loss on this pair, at network resolution) and
-    ``variables`` (fine-tuned if ``instance_steps``).
+    ``variables`` (fine-tuned if ``instance_steps``); with ``inverse`` (diffeomorphic models:
+    the integral of the negated velocity) also ``inverse_disp``, the field that maps the fixed
+    scan onto the moving one.
   """
+  if inverse and model.int_steps == 0:
+    raise ValueError("an inverse field needs a diffeomorphic model (config.model.int_steps > 0)")
   if moving.image.shape != fixed.image.shape:
     raise ValueError(f"moving {moving.path} {moving.image.shape} and fixed {fixed.path} "
                      f"{fixed.image.shape} are on different voxel grids; resample the moving "
@@ -141,15 +150,21 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
     result["loss_after"] = result["loss_before"]
   result["variables"] = variables
 
+  def to_full_grid(field):
+    """The network's field cropped back and, after downsampling, resized to the full grid."""
+    field = field[:, :net_shape[0], :net_shape[1], :net_shape[2]]
+    factor = config.data.downsample
+    if factor > 1:
+      field = transforms.resize_field(field, tuple(n * factor for n in net_shape))
+      pads = [(0, 0)] + [(0, f - n) for f, n in zip(moving.image.shape, field.shape[1:4])]
+      field = jnp.pad(field, pads + [(0, 0)], mode="edge")
+    return field
+
   _, disp = register(model, variables, x_moving, x_fixed)
-  disp = disp[:, :net_shape[0], :net_shape[1], :net_shape[2]]
-  full_shape = moving.image.shape
-  factor = config.data.downsample
-  if factor > 1:
-    disp = transforms.resize_field(disp, tuple(n * factor for n in net_shape))
-    pads = [(0, 0)] + [(0, f - n) for f, n in zip(full_shape, disp.shape[1:4])] + [(0, 0)]
-    disp = jnp.pad(disp, pads, mode="edge")
+  disp = to_full_grid(disp)
   result["disp"] = disp[0]
+  if inverse:
+    result["inverse_disp"] = to_full_grid(_inverse_field(model, variables, x_moving, x_fixed))[0]
   result["moved"] = transforms.warp(jnp.asarray(moving.image)[None, ..., None], disp)[0, ..., 0]
   if moving.seg is not None:
     result["moved_seg"] = transforms.warp(jnp.asarray(moving.seg)[None, ..., None], disp,
