@@ -158,7 +158,8 @@ def test_native_scans_register_with_the_shipped_model(shared_data, tmp_path):
   result = run_cli(f"--moving={moving / 't1.nii.gz'}", f"--fixed={fixed / 't1.nii.gz'}",
                    f"--moving_seg={moving / 'labels.nii.gz'}", f"--moved={out}/moved.nii.gz",
                    f"--moved_seg={out}/moved_seg.nii.gz", f"--warp={out}/warp.nii.gz",
-                   f"--warp_ants={out}/warp_ants.nii.gz")
+                   f"--warp_ants={out}/warp_ants.nii.gz",
+                   f"--warp_ants_inverse={out}/inverse_ants.nii.gz")
   assert result.returncode == 0, result.stderr[-3000:]
   fixed_img = nib.load(str(fixed / "t1.nii.gz"))
   for name in ("moved", "moved_seg", "warp", "warp_ants"):
@@ -180,3 +181,16 @@ def test_native_scans_register_with_the_shipped_model(shared_data, tmp_path):
   assert applied.returncode == 0, applied.stderr[-2000:]
   agree = (np.asarray(nib.load(str(out / "applied.nii.gz")).dataobj) == moved_seg).mean()
   assert agree > 0.999, agree
+  # The inverse field (on the moving grid) takes mapped brain points back where they came from.
+  forward, inverse = (nib.load(str(out / f"{n}.nii.gz")) for n in ("warp_ants", "inverse_ants"))
+  assert inverse.shape[:3] == moving_seg.shape
+  rng = np.random.default_rng(0)
+  brain = np.argwhere(fixed_seg > 0)
+  x = brain[rng.choice(len(brain), 2000, replace=False)]
+  lps = np.array([-1.0, -1.0, 1.0])
+  p = (x @ fixed_img.affine[:3, :3].T + fixed_img.affine[:3, 3]) * lps
+  q = p + np.asarray(forward.dataobj)[x[:, 0], x[:, 1], x[:, 2], 0]
+  inv_affine = np.linalg.inv(inverse.affine)
+  y = np.rint((q * lps) @ inv_affine[:3, :3].T + inv_affine[:3, 3]).astype(int)
+  back = q + np.asarray(inverse.dataobj)[y[:, 0], y[:, 1], y[:, 2], 0]
+  assert np.median(np.linalg.norm(back - p, axis=1)) < 1.0  # mm; nearest-voxel lookup
