@@ -150,9 +150,7 @@ def write_outputs(records, labels, summary, pairs):
     writer.writerows(rows)
   with atomic_path(os.path.join(FLAGS.outdir, "summary.json")) as tmp, open(tmp, "w") as f:
     json.dump(summary, f, indent=2)
-  try:
-    import matplotlib  # noqa: F401
-  except ImportError:
+  if not plots.available():
     logging.warning("matplotlib not installed: no figures (pip install -r requirements-demo.txt)")
     return
   plots.dice_boxplot(os.path.join(FLAGS.outdir, "fig5_dice.png"), records, labels,

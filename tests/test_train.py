@@ -160,6 +160,8 @@ def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):
   assert "checkpoint_manager.py" not in first.stderr, first.stderr[-2000:]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 6]
+  assert (workdir / "registration.png").stat().st_size > 10_000  # the held-out pair, drawn
+  assert f"example registration drawn to {workdir / 'registration.png'}" in first.stderr
   second = subprocess.run(cmd + ["--config.num_steps=8"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]

@@ -8,6 +8,15 @@ import numpy as np
 from vmjax.atomic import atomic_path
 
 
+def available() -> bool:
+  """Whether matplotlib (an optional extra, requirements-demo.txt) is installed."""
+  try:
+    import matplotlib  # noqa: F401  pylint: disable=unused-import
+  except ImportError:
+    return False
+  return True
+
+
 def _pyplot():
   import matplotlib
   matplotlib.use("Agg")

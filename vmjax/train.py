@@ -30,6 +30,7 @@ from vmjax import data as data_lib
 from vmjax import losses
 from vmjax import metrics as metrics_lib
 from vmjax import networks
+from vmjax import plots
 from vmjax import summaries
 from vmjax import transforms
 from vmjax.atomic import atomic_path
@@ -152,6 +153,21 @@ def evaluate(eval_step, params, pairs, labels) -> dict:
     summary["dice"] = float(np.nanmean([r["dice"] for r in results]))
     summary["dice_before"] = float(np.nanmean([r["dice_before"] for r in results]))
   return summary
+
+
+def example_figure(path: str, model, params, pair) -> None:
+  """One held-out pair drawn (moving, fixed, moved, field, warped grid, Jacobian) to a PNG."""
+  if not plots.available():
+    logging.warning("matplotlib not installed: no figure (pip install -r requirements-demo.txt)")
+    return
+  moving, fixed = pair
+  m, f = (jnp.asarray(v.image)[None, ..., None] for v in (moving, fixed))
+  disp = model.apply({"params": params}, m, f)
+  plots.registration_figure(path, moving.image, fixed.image,
+                            np.asarray(transforms.warp(m, disp))[0, ..., 0], np.asarray(disp[0]),
+                            np.asarray(metrics_lib.jacobian_determinant(disp))[0],
+                            title="held-out validation pair")
+  logging.info("example registration drawn to %s", path)
 
 
 class _Preemption:
@@ -285,6 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if summary and "dice" in summary:
     logging.info("validation Dice before registration %.4f -> after %.4f (%d pairs)",
                  summary["dice_before"], summary["dice"], len(dataset.val_pairs))
+  if dataset.val_pairs and process == 0:
+    example_figure(os.path.join(workdir, "registration.png"), model,
+                   unreplicate(p_state.params), dataset.val_pairs[0])
   logging.info("checkpoints in %s (latest step %s; best validation Dice: step %s in %s)",
                manager.directory, manager.latest_step(), best.latest_step(), best.directory)
   return summary
