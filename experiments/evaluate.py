@@ -63,9 +63,10 @@ flags.DEFINE_string("labels", None, "Labels: .txt or comma list; default VoxelMo
 flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants:SyN"],
                   "Methods to compare: identity, vmjax, vmjax_instance (pairs on one grid), "
                   "vmjax_native / vmjax_affine (the whole path from any grids / its affine step "
-                  "alone), ants:PRESET (ants:Affine, ants:SyN, ants:SyNCC, "
-                  "ants:antsRegistrationSyN[s], ...; cached per pair in OUTDIR/cache).")
-flags.DEFINE_integer("instance_steps", 50, "Steps for vmjax_instance.")
+                  "alone), vmjax_native_instance (with --instance_steps), ants:PRESET "
+                  "(ants:Affine, ants:SyN, ants:SyNCC, ants:antsRegistrationSyN[s], ...; cached "
+                  "per pair in OUTDIR/cache).")
+flags.DEFINE_integer("instance_steps", 50, "Steps for vmjax_instance / vmjax_native_instance.")
 flags.DEFINE_float("instance_lr", None,
                    "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
 flags.mark_flags_as_required(["outdir"])
@@ -99,7 +100,8 @@ def load_pairs():
 
 def build_methods():
   methods, notes = {}, {}
-  needs_model = {"vmjax", "vmjax_instance", "vmjax_native", "vmjax_affine"} & set(FLAGS.methods)
+  needs_model = ({"vmjax", "vmjax_instance", "vmjax_native", "vmjax_native_instance",
+                  "vmjax_affine"} & set(FLAGS.methods))
   if needs_model:
     if FLAGS.workdir:
       model, variables, config = checkpoints.load_trained(FLAGS.workdir, best=FLAGS.best)
@@ -117,12 +119,14 @@ def build_methods():
     elif name == "vmjax_instance":
       methods[name] = evaluation.vmjax_method(model, variables, config, FLAGS.instance_steps,
                                               FLAGS.instance_lr)
-    elif name in ("vmjax_native", "vmjax_affine"):
+    elif name in ("vmjax_native", "vmjax_native_instance", "vmjax_affine"):
       if space is None:
         raise app.UsageError(f"{name} needs a model with a template space (the shipped "
                              "pretrained models: leave out --workdir)")
-      methods[name] = evaluation.vmjax_pipeline_method(model, variables, config, space,
-                                                       deformable=name == "vmjax_native")
+      steps = FLAGS.instance_steps if name == "vmjax_native_instance" else 0
+      methods[name] = evaluation.vmjax_pipeline_method(
+          model, variables, config, space, deformable=name != "vmjax_affine",
+          instance_steps=steps, instance_lr=FLAGS.instance_lr)
     elif preset is not None:
       if preset not in evaluation.ANTS_PRESETS:
         raise app.UsageError(f"unknown ANTs preset {preset!r} (one of "

@@ -9,11 +9,11 @@ world-space matrix ``A`` in the ITK/ANTs sense: it maps a point of the fixed sca
 
 Method: both images are normalised (99.5th percentile of the non-zero voxels) and
 block-averaged to about ``spacing`` mm per level; ``A`` starts from the translation that aligns
-the centres of mass in world space; at each level Adam minimises ``-NCC`` (global normalised cross-correlation, fit for
-T1 against T1 across scanners) of the fixed image and the moving image resampled (trilinear) at
-the transformed fixed voxels, first over rotation + translation, then over all 12 parameters
-(rotation, translation, log-scales, shears, about the fixed centre of mass). One ``jax.jit`` per
-level shape: the loop is a ``lax.fori_loop``.
+the centres of mass in world space; at each level Adam minimises ``-NCC`` (global normalised
+cross-correlation, fit for T1 against T1 across scanners) of the fixed image and the moving
+image resampled (trilinear) at the transformed fixed voxels, first over rotation +
+translation, then over all 12 parameters (rotation, translation, log-scales, shears, about the
+fixed centre of mass). One ``jax.jit`` per level shape: the loop is a ``lax.fori_loop``.
 """
 
 from __future__ import annotations

@@ -151,12 +151,14 @@ def vmjax_method(model, variables, config, instance_steps: int = 0,
       model, variables, config, moving, fixed, instance_steps, instance_lr))
 
 
-def vmjax_pipeline_method(model, variables, config, space, deformable: bool = True) -> Callable:
+def vmjax_pipeline_method(model, variables, config, space, deformable: bool = True,
+                          instance_steps: int = 0, instance_lr: float | None = None) -> Callable:
   """The whole path from any grids (:func:`pipeline.register_pair`: affine to the model's
   template, the network, the composed field on the fixed grid); ``deformable=False``: the
   affine step alone."""
   return timed_method(lambda moving, fixed: pipeline.register_pair(
-      model, variables, config, moving, fixed, space, "affine", deformable=deformable))
+      model, variables, config, moving, fixed, space, "affine", instance_steps, instance_lr,
+      deformable=deformable))
 
 
 def ants_available() -> bool:
