@@ -64,14 +64,6 @@ def compose_on_fixed_grid(fixed: Volume, moving: Volume, space: ModelSpace, a_fi
   return y - transforms.identity_grid(fixed.image.shape)
 
 
-def _apply(moving: Volume, u: jax.Array) -> dict:
-  out = {"moved": transforms.warp(jnp.asarray(moving.image)[None, ..., None], u[None])[0, ..., 0]}
-  if moving.seg is not None:
-    out["moved_seg"] = transforms.warp(jnp.asarray(moving.seg)[None, ..., None], u[None],
-                                       order=0)[0, ..., 0]
-  return out
-
-
 def world_jacobian(u: jax.Array, fixed: Volume, moving: Volume) -> jax.Array:
   """Jacobian determinant ``(D, H, W)`` of the world map (moving mm per fixed mm) of a field
   between two grids: the index map's, scaled by ``det V_m / det V_f`` (so grids of opposite
@@ -123,7 +115,7 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
   result = {"world": a_moving @ np.linalg.inv(a_fixed)}
   u_affine = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, None)
   if moving.seg is not None:
-    result["affine_moved_seg"] = _apply(moving, u_affine)["moved_seg"]
+    result["affine_moved_seg"] = registration.warp_volume(moving, u_affine)["moved_seg"]
   if deformable:
     in_space = [affine_lib.resample_volume(v, a, space.affine, space.shape)
                 for v, a in ((moving, a_moving), (fixed, a_fixed))]
@@ -140,5 +132,6 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
     if inverse:
       result["inverse_disp"] = compose_on_fixed_grid(moving, fixed, space, a_moving, a_fixed,
                                                      None)
-  result.update(disp=u, jacobian_det=world_jacobian(u, fixed, moving), **_apply(moving, u))
+  result.update(disp=u, jacobian_det=world_jacobian(u, fixed, moving),
+                **registration.warp_volume(moving, u))
   return result

@@ -165,8 +165,17 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
   result["disp"] = disp[0]
   if inverse:
     result["inverse_disp"] = to_full_grid(_inverse_field(model, variables, x_moving, x_fixed))[0]
-  result["moved"] = transforms.warp(jnp.asarray(moving.image)[None, ..., None], disp)[0, ..., 0]
-  if moving.seg is not None:
-    result["moved_seg"] = transforms.warp(jnp.asarray(moving.seg)[None, ..., None], disp,
-                                          order=0)[0, ..., 0]
+  result.update(warp_volume(moving, disp[0]))
   return result
+
+
+def warp_volume(volume, disp: jax.Array) -> dict:
+  """``moved`` (trilinear) and, if the volume has labels, ``moved_seg`` (nearest) of a
+  :class:`vmjax.io.Volume` warped by ``disp`` ``(D, H, W, 3)`` (voxels of the volume's grid;
+  the output is on the field's grid)."""
+  out = {"moved": transforms.warp(jnp.asarray(volume.image)[None, ..., None],
+                                   disp[None])[0, ..., 0]}
+  if volume.seg is not None:
+    out["moved_seg"] = transforms.warp(jnp.asarray(volume.seg)[None, ..., None], disp[None],
+                                       order=0)[0, ..., 0]
+  return out
