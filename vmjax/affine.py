@@ -28,6 +28,8 @@ import numpy as np
 import optax
 
 from vmjax import data
+from vmjax import registration
+from vmjax import transforms
 from vmjax.io import Volume
 
 # Parameters: rotation vector (rad), translation (units of TRANSLATION_SCALE mm), log-scales,
@@ -71,8 +73,7 @@ def _ncc(a: jax.Array, b: jax.Array) -> jax.Array:
 def resample(image: jax.Array, voxel_to_voxel: jax.Array, shape) -> jax.Array:
   """``image`` sampled (trilinear, 0 outside) at ``voxel_to_voxel · x`` for every voxel ``x``
   of a grid of ``shape``: ``(D, H, W)`` -> ``shape``."""
-  grid = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in shape],
-                                indexing="ij"), axis=0).reshape(3, -1)
+  grid = transforms.identity_grid(shape).reshape(-1, 3).T
   coords = voxel_to_voxel[:3, :3] @ grid + voxel_to_voxel[:3, 3:4]
   out = jax.scipy.ndimage.map_coordinates(image, list(coords), order=1, mode="constant",
                                           cval=0.0)
@@ -162,28 +163,10 @@ def resample_volume(moving: Volume, world: np.ndarray, grid_affine: np.ndarray, 
                     path: str | None = None) -> Volume:
   """``moving`` (image trilinear, labels nearest) on the grid ``(grid_affine, shape)``, through
   the world matrix ``world`` (grid world -> moving world)."""
-  v2v = np.linalg.inv(moving.affine) @ world @ grid_affine
-  v2v_j = jnp.asarray(v2v, jnp.float32)
-  image = np.asarray(resample(jnp.asarray(moving.image), v2v_j, tuple(shape)))
-  seg = None
-  if moving.seg is not None:
-    coords = _grid_coords(v2v, shape)
-    seg = _nearest(moving.seg, coords)
-  return Volume(image=image, seg=seg, affine=np.asarray(grid_affine, np.float64),
-                path=path or moving.path, header=None)
-
-
-def _grid_coords(voxel_to_voxel: np.ndarray, shape) -> np.ndarray:
-  grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"),
-                  axis=-1)
-  return grid @ voxel_to_voxel[:3, :3].T.astype(np.float32) + voxel_to_voxel[:3, 3].astype(
-      np.float32)
-
-
-def _nearest(labels: np.ndarray, coords: np.ndarray) -> np.ndarray:
-  """Nearest-neighbour lookup of ``labels`` at voxel coordinates ``(..., 3)``, 0 outside."""
-  index = np.rint(coords).astype(np.int64)
-  inside = np.all((index >= 0) & (index < np.asarray(labels.shape)), axis=-1)
-  index = np.where(inside[..., None], index, 0)
-  out = labels[index[..., 0], index[..., 1], index[..., 2]]
-  return np.where(inside, out, 0).astype(labels.dtype)
+  v2v = jnp.asarray(np.linalg.inv(moving.affine) @ world @ grid_affine, jnp.float32)
+  grid = transforms.identity_grid(tuple(shape))
+  disp = jnp.einsum("ij,...j->...i", v2v[:3, :3], grid) + v2v[:3, 3] - grid
+  out = registration.warp_volume(moving, disp)
+  return Volume(image=np.asarray(out["moved"]),
+                seg=None if moving.seg is None else np.asarray(out["moved_seg"]),
+                affine=np.asarray(grid_affine, np.float64), path=path or moving.path, header=None)
