@@ -5,20 +5,36 @@ r"""Trains a VoxelMorph model.
       --config.data.train='scans/*.nii.gz' --config.data.atlas=atlas.nii.gz --workdir=runs/vm1
 
 Runs again with the same workdir resume from its latest checkpoint.
+
+Several processes (hosts; here two on one machine, two CPU devices each; one per GPU host or
+TPU VM the same way, with the coordinator on process 0's host):
+
+  for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    python -m experiments.train --config=configs/smoke.py --workdir=runs/mh \
+      --coordinator_address=localhost:12355 --num_processes=2 --process_id=$i & done; wait
+
+On a TPU pod, SLURM, Open MPI or Kubernetes, ``--config.distributed=True`` instead lets
+``jax.distributed.initialize()`` read the cluster's own settings.
 """
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from vmjax import cli
 from vmjax import train
+from vmjax.checks import DataError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
+                    "launched by hand; see the module docstring).")
+flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +42,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.INFO)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  # Bad data or settings (found before the first step) are one line; anything that goes wrong
+  # later (a diverging run, a crash) keeps its traceback.
+  cli.run_reporting_errors("vmjax-train",
+                           lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir),
+                           errors=(DataError, FileNotFoundError))
 
 
 def entry_point():

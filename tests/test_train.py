@@ -169,6 +169,21 @@ def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):
   assert "step 7/8" in second.stderr and "step 1/8" not in second.stderr
 
 
+def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=configs/default.py",
+       f"--config.data.train={tmp_path / 'missing' / '*.nii.gz'}", f"--workdir={workdir}"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+  assert errors == [f"vmjax-train: error: no data.train files match {tmp_path / 'missing'}"
+                    "/*.nii.gz"], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
 def test_non_finite_steps_are_skipped_and_the_run_stops_after_its_patience(tmp_path,
                                                                             monkeypatch):
   data_dir = write_subjects(tmp_path / "data")

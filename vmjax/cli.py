@@ -22,11 +22,12 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 
-def run_reporting_errors(command: str, run: Callable[[], None]) -> None:
-  """Calls ``run()``; an input error ends the process with ``command: error: message``."""
+def run_reporting_errors(command: str, run: Callable[[], None],
+                         errors: tuple[type[BaseException], ...] = INPUT_ERRORS) -> None:
+  """Calls ``run()``; one of ``errors`` ends the process with ``command: error: message``."""
   try:
     run()
-  except INPUT_ERRORS as e:
+  except errors as e:
     message = " ".join(str(e).split())  # one line, whatever the exception's text
     print(f"{command}: error: {message}", file=sys.stderr)
     sys.exit(1)

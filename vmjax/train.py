@@ -18,6 +18,7 @@ import flax.jax_utils
 from flax.training import train_state
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -171,18 +172,33 @@ def example_figure(path: str, model, params, pair) -> None:
 
 
 class _Preemption:
-  """Sets a flag on SIGTERM so the loop can write a checkpoint before exiting."""
+  """When to stop for a preemption notice (SIGTERM): after the same step on every process.
 
-  def __init__(self):
+  One process: a SIGTERM handler sets a flag, read after each step. Several processes
+  (``jax.distributed``): JAX's preemption service owns SIGTERM; a notice reaching any process is
+  relayed to all, and ``multihost_utils.reached_preemption_sync_point(step)`` turns true on
+  every process at the same step (the largest step any of them has reached, plus one). So all
+  processes write that step's checkpoint together and leave the loop together, instead of one
+  leaving while the others wait for it in the next ``pmean``.
+  """
+
+  def __init__(self, multihost: bool):
+    self.multihost = multihost
     self.requested = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    if not multihost and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: writing a checkpoint, then stopping")
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint and stop after ``step`` (call it after every step)."""
+    if self.multihost:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def restore(self):
     if self._previous is not None:
@@ -200,17 +216,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     the last validation summary (empty if there is no validation data).
   """
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  if config.get("distributed", False) and not jax.distributed.is_initialized():
+    jax.distributed.initialize()  # the cluster's own settings (TPU pod, SLURM, Open MPI, k8s)
   process, processes = jax.process_index(), jax.process_count()
   local_devices, devices = jax.local_device_count(), jax.device_count()
-  os.makedirs(workdir, exist_ok=True)
 
   model = networks.model_from_config(config.model)
   logging.info("platform %s, %s; convolutions: %s", jax.default_backend(),
                jax.devices()[0].device_kind, conv.describe_path())
   dataset = data_lib.build(config, shard=(process, processes), levels=model.levels)
   spatial_shape = dataset.spatial_shape
+  os.makedirs(workdir, exist_ok=True)  # after the data checks: a bad input leaves nothing behind
   per_device = config.per_device_batch_size
   logging.info("devices: %d (%d local, process %d of %d); global batch %d = %d per device x %d "
                "devices; volumes %s; %d training subjects on this process",
@@ -239,15 +255,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if process == 0:
     with atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  preemption = _Preemption()
+  preemption = _Preemption(multihost=processes > 1)
   num_steps = config.num_steps
   summary: dict[str, Any] = {}
 
   def unreplicate(tree):
-    return jax.tree_util.tree_map(lambda x: x[0], tree)
+    """The first local device's copy of replicated values, on the host. Never ``x[0]`` of the
+    global array: with several processes that is a computation over every process's devices
+    (and a hang when they do not all dispatch it alike)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
   def save(step):
-    manager.save(step, jax.device_get(unreplicate(p_state)), data_position=step)
+    manager.save(step, unreplicate(p_state), data_position=step)
 
   tick, tick_step = time.time(), start
   patience, skipped = config.get("nonfinite_patience", 10), 0
@@ -257,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       p_state, step_metrics = p_step(p_state, batch)
       done = step + 1
       # One scalar per step from the device (a sync; the step's own compute dominates).
-      if float(step_metrics["finite"][0]):
+      if float(np.asarray(step_metrics["finite"].addressable_data(0))[0]):
         skipped = 0
       else:
         skipped += 1
@@ -269,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"(config.nonfinite_patience={patience}); the last good checkpoint is step "
               f"{manager.latest_step()} in {manager.directory}")
       if done % config.log_every == 0 or done == num_steps:
-        step_metrics = {k: float(v) for k, v in jax.device_get(unreplicate(step_metrics)).items()}
+        step_metrics = {k: float(v) for k, v in unreplicate(step_metrics).items()}
         now = time.time()
         steps_per_s = (done - tick_step) / max(now - tick, 1e-9)
         tick, tick_step = now, done
@@ -286,12 +305,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
         writer.write(done, {f"val/{k}": v for k, v in summary.items()})
         if "dice" in summary:
-          best.save(done, jax.device_get(unreplicate(p_state)), data_position=done,
+          best.save(done, unreplicate(p_state), data_position=done,
                     metrics={"dice": summary["dice"]})
-      if done % config.checkpoint_every == 0 or done == num_steps or preemption.requested:
+      stop = preemption.reached(done)
+      if done % config.checkpoint_every == 0 or done == num_steps or stop:
         save(done)
-      if preemption.requested:
-        logging.warning("stopped at step %d after SIGTERM; checkpoint written", done)
+      if stop:
+        logging.warning("preemption: stopped at step %d (all %d processes); checkpoint written",
+                        done, processes)
         break
   finally:
     manager.wait_until_finished()
