@@ -5,16 +5,24 @@ r"""Speed and memory of register() and of one training step, vmjax against PyTor
 
 Rows (each in a fresh subprocess, so that its peak resident memory is its own):
   vmjax <variant> [<conv>]  ``vmjax.register()`` and one jitted train step (loss, grad, Adam);
-                            conv = ``onednn`` (default on CPU) or ``xla`` (XLA's convolution).
+                            conv = ``onednn`` (default on CPU) or ``xla`` (XLA's convolution);
+                            one row per ``--dtype`` (float32, bfloat16: bf16 convolutions with
+                            f32 parameters, field and loss).
   torch vm2 / vm1           the same architecture and loss in PyTorch, channels-last
                             (``experiments/torch_reference.py``), ``--compare=torch``.
   voxelmorph default        the ``voxelmorph`` package's default ``VxmPairwise``
                             (``--compare=voxelmorph``).
+  vmjax pipeline            ``--compare=native``: the whole path of ``vmjax-register`` on a
+                            256x256x160 pair on two grids of different orientation (the shipped
+                            model's template resampled onto them): both affine steps,
+                            resampling, the network, the composed field, the moved scan
+                            (``pipeline.register_pair``), per ``--dtype``.
 Times are medians over ``--steps`` runs after one warm-up (compile reported apart). GFLOP/s
 counts the network's convolutions only (forward: 2 * out voxels * 27 * Cin * Cout per conv;
 train step: 3x forward) against f32 GEMM rates measured in the same run (XLA and PyTorch,
-4096^3). Ratios are vmjax / ``torch vm2`` on the same shape. PyTorch uses all cores
-(``torch.set_num_threads(os.cpu_count())``) like XLA.
+4096^3). Ratios are vmjax / ``torch vm2`` (float32) on the same shape. PyTorch uses all cores
+(``torch.set_num_threads(os.cpu_count())``) like XLA. The header names the CPU and its bf16
+instructions (AMX / AVX512-BF16 / none): these machines differ from run to run.
 """
 
 import json
@@ -35,7 +43,9 @@ flags.DEFINE_integer("steps", 5, "Timed repetitions (after one warm-up).")
 flags.DEFINE_list("variants", ["vm1", "vm2", "diffeomorphic"], "vmjax model variants.")
 flags.DEFINE_list("conv", ["onednn"], "vmjax CPU convolution paths to time: onednn, xla.")
 flags.DEFINE_list("compare", [], "Also time: torch (same architecture), voxelmorph (official), "
+                  "native (the whole vmjax-register path on a 256x256x160 pair), "
                   "conv (one 34->32 3x3x3 conv: XLA vs oneDNN).")
+flags.DEFINE_list("dtype", ["float32"], "vmjax computation dtypes to time: float32, bfloat16.")
 flags.DEFINE_bool("train", True, "Also time a training step.")
 flags.DEFINE_bool("remat", False, "vmjax train step with rematerialised conv blocks.")
 flags.DEFINE_string("child", None, "Internal: run one row and print JSON.")
@@ -78,7 +88,19 @@ def _peak_rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat):
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat, dtype="float32"):
   if conv_path == "xla":
     os.environ["VMJAX_CONV"] = "xla"
   import jax
@@ -91,6 +113,7 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat):
 
   config = default.get_config(CONFIG_ARGS[variant])
   config.model.remat = remat
+  config.model.dtype = dtype
   model = networks.model_from_config(config.model)
   rng = np.random.default_rng(0)
   moving, fixed = (jax.numpy.asarray(rng.uniform(size=(batch, *shape, 1)), "float32")
@@ -100,6 +123,7 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat):
   result = {"impl": "vmjax", "model": variant,
             "conv": (("onednn" if conv.onednn_available() else "xla") if on_cpu
                      else f"xla ({jax.default_backend()})") + (" remat" if remat else ""),
+            "dtype": dtype,
             "params": vmjax.count_params(variables["params"])}
 
   start = time.perf_counter()
@@ -202,6 +226,54 @@ def run_gemm(steps):
   return rates
 
 
+def run_native_pair(steps, dtype):
+  """``pipeline.register_pair`` with the shipped model on a synthetic 256x256x160 native pair:
+  two 1 mm grids, a sagittal-first (ASL-like) orientation, rotated 6 and -4 degrees about
+  different axes and shifted, holding the model's template."""
+  import jax
+  import numpy as np
+  from vmjax import affine as affine_lib
+  from vmjax import conv
+  from vmjax import networks
+  from vmjax import pipeline
+  from vmjax import pretrained
+
+  model, variables, config = pretrained.load()
+  model = networks.with_dtype(model, dtype)
+  space = pretrained.space()
+  shape = (256, 256, 160)
+  asl = np.array([[0, 0, -1, 80], [-1, 0, 0, 128], [0, 1, 0, -128], [0, 0, 0, 1]], np.float64)
+
+  def rotation(axis, degrees, shift):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    m = np.eye(4)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    m[:3, 3] = shift
+    return m
+
+  scans = [affine_lib.resample_volume(space.template, rotation(axis, deg, shift), asl, shape,
+                                      path=name)
+           for name, axis, deg, shift in (("moving", 0, 6.0, (3, -4, 2)),
+                                          ("fixed", 2, -4.0, (-2, 3, 1)))]
+
+  def run():
+    out = pipeline.register_pair(model, variables, config, *scans, space)
+    jax.block_until_ready(out["moved"])
+
+  result = {"impl": "vmjax pipeline", "model": "shipped (oasis-vm2-diff, 1 mm)",
+            "conv": (("onednn" if conv.onednn_available() else "xla")
+                     if jax.default_backend() == "cpu" else f"xla ({jax.default_backend()})"),
+            "dtype": dtype,
+            "params": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(variables))}
+  start = time.perf_counter()
+  run()
+  result["register_compile_s"] = time.perf_counter() - start
+  result["register_s"] = _median_time(run, steps)
+  result["peak_rss_gib"] = _peak_rss_gib()
+  return result
+
+
 def run_single_conv(shape, steps):
   """One 3x3x3 conv, 34 -> 32 channels (VM-2's first full-resolution decoder conv): XLA's
   convolution vs the oneDNN path, forward and forward + backward, seconds and GFLOP/s."""
@@ -236,15 +308,18 @@ def _child(spec, shape):
     return run_single_conv(shape, FLAGS.steps)
   if kind == "vmjax":
     return run_vmjax(rest[0], rest[1], shape, FLAGS.batch, FLAGS.steps, FLAGS.train,
-                     FLAGS.remat)
+                     FLAGS.remat, rest[2])
   if kind == "gemm":
     return run_gemm(FLAGS.steps)
+  if kind == "native":
+    return run_native_pair(FLAGS.steps, rest[0])
   return run_torch(rest[0], shape, FLAGS.batch, FLAGS.steps, FLAGS.train)
 
 
 def _run_child(spec, shape_text):
   cmd = [sys.executable, "-m", "experiments.benchmark", f"--child={spec}",
          f"--shapes={shape_text}", f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
+         f"--dtype={','.join(FLAGS.dtype)}",
          f"--train={FLAGS.train}", f"--remat={FLAGS.remat}"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -266,11 +341,13 @@ def main(argv):
     print("RESULT " + json.dumps(_child(FLAGS.child, shape)), flush=True)
     return
   import jax
+  from vmjax import conv
   device = jax.devices()[0]
   print(f"vmjax benchmark: batch {FLAGS.batch}, median of {FLAGS.steps} after a warm-up; "
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}); "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
-  specs = [f"vmjax:{v}:{c}" for v in FLAGS.variants for c in FLAGS.conv]
+        f"{os.cpu_count()} CPUs, {cpu_model()}, bf16 instructions: {conv.bf16_isa() or 'none'}",
+        flush=True)
+  specs = [f"vmjax:{v}:{c}:{d}" for v in FLAGS.variants for c in FLAGS.conv for d in FLAGS.dtype]
   if "torch" in FLAGS.compare:
     specs += ["torch:vm2", "torch:vm1"]
   if "voxelmorph" in FLAGS.compare:
@@ -283,7 +360,7 @@ def main(argv):
       for key, (t, rate) in (_run_child("conv", shape_text) or {}).items():
         print(f"single conv 34->32 at {shape_text}, {key}: {t:.3f} s, {rate:.0f} GFLOP/s",
               flush=True)
-  header = ("shape", "impl", "model", "conv", "params", "register s", "compile s",
+  header = ("shape", "impl", "model", "conv", "dtype", "params", "register s", "compile s",
             "register GFLOP/s", "train step s", "compile s", "train GFLOP/s", "peak RSS GiB",
             "register / torch vm2", "train / torch vm2")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -297,7 +374,8 @@ def main(argv):
     rows = [r for r in (_run_child(spec, shape_text) for spec in shape_specs) if r]
     torch_vm2 = next((r for r in rows if r["impl"] == "torch" and r["model"] == "vm2"), None)
     for r in rows:
-      gflop = conv_gflop(r["model"], shape, FLAGS.batch) if r["impl"] != "voxelmorph" else None
+      gflop = (conv_gflop(r["model"], shape, FLAGS.batch) if r["impl"] in ("vmjax", "torch")
+               else None)
       train_s = r.get("train_step_s", float("nan"))
       reg_rate = f"{gflop / r['register_s']:.0f}" if gflop else "—"
       train_rate = f"{3 * gflop / train_s:.0f}" if gflop else "—"
@@ -307,13 +385,23 @@ def main(argv):
           return "—"
         return f"{r.get(key, float('nan')) / torch_vm2.get(key, float('nan')):.2f}"
       lines.append(
-          f"| {shape_text} | {r['impl']} | {r['model']} | {r['conv']} | {r['params']:,} | "
+          f"| {shape_text} | {r['impl']} | {r['model']} | {r['conv']} | "
+          f"{r.get('dtype', 'float32')} | {r['params']:,} | "
           f"{r['register_s']:.3f} | {r['register_compile_s']:.1f} | "
           f"{reg_rate} | {train_s:.3f} | "
           f"{r.get('train_compile_s', float('nan')):.1f} | "
           f"{train_rate} | {r['peak_rss_gib']:.2f} | "
           f"{ratio('register_s')} | {ratio('train_step_s')} |")
       print(lines[-1], flush=True)
+  if "native" in FLAGS.compare:
+    for dtype in FLAGS.dtype:
+      r = _run_child(f"native:{dtype}", "256x256x160")
+      if r:
+        lines.append(f"| 256x256x160 native pair | {r['impl']} | {r['model']} | {r['conv']} | "
+                     f"{dtype} | {r['params']:,} | {r['register_s']:.3f} | "
+                     f"{r['register_compile_s']:.1f} | — | — | — | — | {r['peak_rss_gib']:.2f} "
+                     "| — | — |")
+        print(lines[-1], flush=True)
   print("\n".join(lines))
 
 

@@ -39,6 +39,7 @@ from vmjax import cli
 from vmjax import data
 from vmjax import evaluation
 from vmjax import io
+from vmjax import networks
 from vmjax import metrics
 from vmjax import plots
 from vmjax import pretrained
@@ -66,6 +67,7 @@ flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants:SyN"]
                   "alone), vmjax_native_instance (with --instance_steps), ants:PRESET "
                   "(ants:Affine, ants:SyN, ants:SyNCC, ants:antsRegistrationSyN[s], ...; cached "
                   "per pair in OUTDIR/cache).")
+flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
 flags.DEFINE_integer("instance_steps", 50, "Steps for vmjax_instance / vmjax_native_instance.")
 flags.DEFINE_float("instance_lr", None,
                    "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
@@ -109,6 +111,8 @@ def build_methods():
     else:
       model, variables, config = pretrained.load(FLAGS.model)
       space = pretrained.space(FLAGS.model)
+    model = networks.with_dtype(model, FLAGS.dtype or networks.registration_dtype())
+    logging.info("vmjax network computes in %s", np.dtype(model.dtype).name)
   for name in FLAGS.methods:
     preset = name.split(":", 1)[1] if name.startswith("ants:") else (
         "SyN" if name == "ants_syn" else None)

@@ -28,6 +28,7 @@ from vmjax import ants_io
 from vmjax import checkpoints
 from vmjax import cli
 from vmjax import io
+from vmjax import networks
 from vmjax import pipeline
 from vmjax import pretrained
 
@@ -50,6 +51,7 @@ flags.DEFINE_string("moved_seg", None, "Output: the labels warped (nearest neigh
 flags.DEFINE_enum("affine", "affine", ["affine", "none"],
                   "affine: align both scans to the model's template first (any grids); none: "
                   "the scans are already aligned on one grid.")
+flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
 flags.DEFINE_integer("instance_steps", 0, "Test-time optimisation steps on this pair.")
 flags.DEFINE_float("instance_lr", None,
                    "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
@@ -61,8 +63,15 @@ def load_model():
   if FLAGS.workdir or FLAGS.checkpoint:
     model, variables, config = checkpoints.load_trained(FLAGS.workdir or FLAGS.checkpoint,
                                                         best=FLAGS.best)
-    return model, variables, config, None
-  return (*pretrained.load(FLAGS.model), pretrained.space(FLAGS.model))
+    return _in_dtype(model), variables, config, None
+  model, variables, config = pretrained.load(FLAGS.model)
+  return _in_dtype(model), variables, config, pretrained.space(FLAGS.model)
+
+
+def _in_dtype(model):
+  dtype = FLAGS.dtype or networks.registration_dtype()
+  logging.info("network computes in %s", dtype)
+  return networks.with_dtype(model, dtype)
 
 
 def run():

@@ -83,6 +83,41 @@ def test_gradient_matches_finite_differences():
   assert abs(analytic - numeric) <= 1e-2 * abs(numeric) + 1e-2
 
 
+@needs_onednn
+@pytest.mark.parametrize("isa", ["cpu", None])  # this CPU's bf16 kernel; the f32 fallback
+@pytest.mark.parametrize("x_shape,co,strides,padding", CASES[:3])
+def test_bfloat16_matches_an_f32_reference_of_the_rounded_inputs(x_shape, co, strides, padding,
+                                                                 isa, monkeypatch):
+  """bf16 in, bf16 out; the reference is the f32 convolution of the same (bf16-rounded) values,
+  so the only error allowed is bf16's rounding of the result (and of dy in the gradients)."""
+  if isa is None:
+    monkeypatch.setattr(conv, "bf16_isa", lambda: None)
+  elif conv.bf16_isa() is None:
+    pytest.skip("this CPU has no bf16 instructions (AMX / AVX512-BF16)")
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, x_shape[-1], co)), jnp.bfloat16)
+  fast = jax.jit(functools.partial(_fast, strides=strides, padding=padding))
+  out = fast(x, w)
+  assert out.dtype == jnp.bfloat16
+  ref = _reference(x.astype(jnp.float32), w.astype(jnp.float32), strides, padding)
+  scale = float(jnp.max(jnp.abs(ref)))
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-2 * scale)
+  hlo = fast.lower(x, w).as_text()
+  assert ("vmjax_conv_fwd_bf16" in hlo) == (isa is not None)
+
+  def loss(fn, x, w):
+    return jnp.sum(jnp.sin(fn(x, w, strides=strides, padding=padding)).astype(jnp.float32))
+
+  gx, gw = jax.jit(jax.grad(functools.partial(loss, _fast), (0, 1)))(x, w)
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  gx_ref, gw_ref = jax.grad(functools.partial(loss, _reference), (0, 1))(x.astype(jnp.float32),
+                                                                        w.astype(jnp.float32))
+  for g, r in ((gx, gx_ref), (gw, gw_ref)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=3e-2,
+                               atol=3e-2 * float(jnp.max(jnp.abs(r))))
+
+
 def test_ineligible_convolutions_fall_back_to_lax():
   """Dilation, NCDHW and f16 are not routed to oneDNN and stay exact."""
   rng = np.random.default_rng(3)
@@ -151,3 +186,27 @@ def test_without_a_compiler_falls_back_to_xla_with_one_warning(tmp_path):
   assert "FALLBACK OK" in proc.stdout
   assert proc.stderr.count("oneDNN convolution unavailable") == 1
   assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+
+
+def test_the_kernel_is_not_built_when_the_default_backend_is_not_the_cpu(monkeypatch):
+  """On a GPU/TPU host the CPU kernel is neither built nor registered: XLA's convolution."""
+  def must_not_build():
+    raise AssertionError("the oneDNN kernel was asked for on a non-CPU default backend")
+
+  monkeypatch.setattr(conv, "onednn_available", must_not_build)
+  monkeypatch.setattr(conv.jax, "default_backend", lambda: "gpu")
+  x = jnp.ones((1, 6, 6, 6, 2), jnp.float32)
+  w = jnp.ones((3, 3, 3, 2, 3), jnp.float32)
+  hlo = jax.jit(lambda a, b: conv.conv_general_dilated(a, b, (1, 1, 1), "SAME",
+                                                       dimension_numbers=DN)).lower(x, w)
+  assert "vmjax_conv" not in hlo.as_text()
+
+
+def test_cache_key_names_the_onednn_version_and_the_compiler(tmp_path):
+  include = tmp_path / "include" / "oneapi" / "dnnl"
+  include.mkdir(parents=True)
+  (include / "dnnl_version.h").write_text(
+      "#define DNNL_VERSION_MAJOR 3\n#define DNNL_VERSION_MINOR 2\n#define DNNL_VERSION_PATCH 7\n")
+  assert conv._dnnl_version(str(tmp_path / "include")) == "3.2.7"
+  assert conv._dnnl_version(str(tmp_path / "missing")) == "unknown"
+  assert conv._compiler_version(str(tmp_path / "no-such-compiler")) == "unknown"

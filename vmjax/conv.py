@@ -4,13 +4,19 @@ XLA:CPU runs 3x3x3 convolutions at ~30 GFLOP/s on AVX-512/AMX cores where oneDNN
 uses) reaches ~300. ``conv_general_dilated`` below has ``lax.conv_general_dilated``'s signature
 (flax's ``nn.Conv(conv_general_dilated=...)`` takes it) and, inside one jitted function, lowers
 to a oneDNN custom call on CPU and to XLA's convolution on every other platform
-(``lax.platform_dependent``). Same math (f32, direct convolution); gradients go through oneDNN's
-backward-data / backward-weights kernels via ``jax.custom_vjp``.
+(``lax.platform_dependent``). Same math (direct convolution); gradients go through oneDNN's
+backward-data / backward-weights kernels via ``jax.custom_vjp``. float32 and bfloat16 (inputs,
+kernel and output of one type; oneDNN accumulates in f32): bf16 runs oneDNN's AMX /
+AVX512-BF16 kernels where the CPU has those instructions (:func:`bf16_isa`); elsewhere a bf16
+convolution is computed by the f32 kernel and rounded to bf16 (said once in the log).
 
 The oneDNN kernel (``vmjax/native/onednn_conv.cc``) is compiled with the system C++ compiler on
 first use against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (requirements.txt)
-and cached under ``$VMJAX_CACHE`` (default ``~/.cache/vmjax``). Anything missing (no compiler, no
-oneDNN, not x86-64 Linux) falls back to XLA with one warning. ``VMJAX_CONV=xla`` forces XLA.
+and cached under ``$VMJAX_CACHE`` (default ``~/.cache/vmjax``; one library per source, jax,
+oneDNN version and compiler). It is built only when a convolution is traced for the CPU backend
+(never on a GPU/TPU host's default path); ``python -m experiments.build_native`` builds it ahead of time (for
+container images). Anything missing (no compiler, no oneDNN, not x86-64 Linux) falls back to
+XLA with one warning. ``VMJAX_CONV=xla`` forces XLA.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +45,7 @@ from vmjax.atomic import atomic_path
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "onednn_conv.cc")
 _TARGETS = {"fwd": "VmjaxConvForward", "bwd_data": "VmjaxConvBackwardData",
             "bwd_weights": "VmjaxConvBackwardWeights"}
+_SUFFIX = {jnp.dtype(jnp.float32): "", jnp.dtype(jnp.bfloat16): "_bf16"}  # FFI target per dtype
 _NDHWC = ("NDHWC", "DHWIO", "NDHWC")
 
 
@@ -66,6 +74,40 @@ def _find_dnnl() -> tuple[str, str]:
       f"searched {_dnnl_prefixes()}; or set VMJAX_DNNL_ROOT)")
 
 
+def _dnnl_version(include: str) -> str:
+  """``MAJOR.MINOR.PATCH`` from oneDNN's ``dnnl_version.h``."""
+  try:
+    with open(os.path.join(include, "oneapi", "dnnl", "dnnl_version.h")) as f:
+      text = f.read()
+  except OSError:
+    return "unknown"
+  parts = [re.search(rf"#define DNNL_VERSION_{p}\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+  return ".".join(m.group(1) if m else "?" for m in parts)
+
+
+def _compiler_version(cxx: str) -> str:
+  try:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                          check=True).stdout.splitlines()[0]
+  except (OSError, subprocess.CalledProcessError, IndexError):
+    return "unknown"
+
+
+@functools.cache
+def bf16_isa() -> str | None:
+  """The CPU's bf16 instructions that oneDNN uses: ``"AMX"``, ``"AVX512-BF16"`` or None."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return None
+  if "amx_bf16" in flags:
+    return "AMX"
+  if "avx512_bf16" in flags:
+    return "AVX512-BF16"
+  return None
+
+
 def _build() -> str:
   """Compiles the kernel once per (source, jax, oneDNN) and returns the shared library's path."""
   if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
@@ -73,7 +115,10 @@ def _build() -> str:
   include, libdir = _find_dnnl()
   with open(_SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + jax.__version__.encode() + libdir.encode()).hexdigest()[:16]
+  cxx = os.environ.get("CXX", "g++")
+  key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), libdir.encode(),
+                                    _dnnl_version(include).encode(),
+                                    _compiler_version(cxx).encode()])).hexdigest()[:16]
   cache = os.path.join(os.environ.get("VMJAX_CACHE", os.path.expanduser("~/.cache/vmjax")),
                        "native")
   os.makedirs(cache, exist_ok=True)
@@ -84,7 +129,6 @@ def _build() -> str:
     fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time (several processes per host)
     if os.path.exists(library):
       return library
-    cxx = os.environ.get("CXX", "g++")
     with atomic_path(library) as tmp:  # a half-written library is never picked up
       cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", _SOURCE, "-o", tmp,
              f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{libdir}", "-ldnnl",
@@ -106,12 +150,18 @@ def onednn_available() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(_build())
     for name, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(f"vmjax_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
-                                  platform="cpu")
+      for dtype, suffix in _SUFFIX.items():
+        capsule = jax.ffi.pycapsule(getattr(lib, symbol + ("Bf16" if suffix else "")))
+        jax.ffi.register_ffi_target(f"vmjax_conv_{name}{suffix}", capsule, platform="cpu")
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("vmjax: oneDNN convolution unavailable, using XLA's on CPU: %s", e)
     return False
   return True
+
+
+def library_path() -> str:
+  """The built kernel's path (building it if needed)."""
+  return _build()
 
 
 def describe_path() -> str:
@@ -119,7 +169,16 @@ def describe_path() -> str:
   backend = jax.default_backend()
   if backend != "cpu":
     return f"XLA's ({backend})"
-  return "oneDNN (cpu)" if onednn_available() else "XLA's (cpu; oneDNN unavailable)"
+  if not onednn_available():
+    return "XLA's (cpu; oneDNN unavailable)"
+  isa = bf16_isa()
+  return f"oneDNN (cpu; bf16: {isa if isa else 'no bf16 instructions, bf16 runs in f32'})"
+
+
+@functools.cache
+def _warn_bf16_in_f32() -> None:
+  logging.warning("vmjax: this CPU has no bf16 instructions (AMX / AVX512-BF16): bfloat16 "
+                  "convolutions run oneDNN's f32 kernel and are rounded to bf16")
 
 
 _force_xla = False
@@ -149,15 +208,17 @@ def _out_shape(x_shape, w_shape, strides, padding):
 
 
 def _ffi(name, out_shape, *args, strides, padding):
-  call = jax.ffi.ffi_call(f"vmjax_conv_{name}", jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                          vmap_method="sequential")
+  dtype = jnp.dtype(args[0].dtype)
+  call = jax.ffi.ffi_call(f"vmjax_conv_{name}{_SUFFIX[dtype]}",
+                          jax.ShapeDtypeStruct(out_shape, dtype), vmap_method="sequential")
   return call(*args, **_attrs(strides, padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def onednn_conv3d(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
-  """oneDNN convolution, CPU only. x ``(N, D, H, W, Ci)`` f32, w ``(kd, kh, kw, Ci, Co)`` f32,
-  ``strides`` 3 ints, ``padding`` 3 ``(lo, hi)`` pairs -> ``(N, Do, Ho, Wo, Co)``."""
+  """oneDNN convolution, CPU only. x ``(N, D, H, W, Ci)``, w ``(kd, kh, kw, Ci, Co)``, both f32
+  or both bf16, ``strides`` 3 ints, ``padding`` 3 ``(lo, hi)`` pairs -> ``(N, Do, Ho, Wo, Co)``
+  of their dtype."""
   return _ffi("fwd", _out_shape(x.shape, w.shape, strides, padding), x, w,
               strides=strides, padding=padding)
 
@@ -214,7 +275,8 @@ def _is_channels_last_3d(dimension_numbers, ndim) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """``lax.conv_general_dilated`` that uses oneDNN for f32 channels-last 3-D convolutions on CPU.
+  """``lax.conv_general_dilated`` that uses oneDNN for f32 / bf16 channels-last 3-D convolutions
+  on CPU.
 
   Everything else (other layouts, dilation, groups, dtypes, GPU/TPU) goes to lax unchanged.
   """
@@ -225,9 +287,10 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
       batch_group_count=batch_group_count, precision=precision,
       preferred_element_type=preferred_element_type)
   eligible = (
-      _is_channels_last_3d(dimension_numbers, lhs.ndim)
-      and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-      and preferred_element_type in (None, jnp.float32)
+      jax.default_backend() == "cpu"  # never build the CPU kernel on a GPU/TPU host
+      and _is_channels_last_3d(dimension_numbers, lhs.ndim)
+      and jnp.dtype(lhs.dtype) in _SUFFIX and lhs.dtype == rhs.dtype
+      and preferred_element_type in (None, lhs.dtype)
       and all(d == 1 for d in (lhs_dilation or (1,) * 3))
       and all(d == 1 for d in (rhs_dilation or (1,) * 3))
       and feature_group_count == 1 and batch_group_count == 1
@@ -240,6 +303,13 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if any(p < 0 for pair in padding for p in pair):
     return plain(lhs, rhs)
-  return lax.platform_dependent(
-      lhs, rhs, cpu=lambda x, w: onednn_conv3d(x, w, strides, padding),
-      default=lambda x, w: plain(x, w))
+
+  def on_cpu(x, w):
+    if x.dtype == jnp.bfloat16 and bf16_isa() is None:
+      _warn_bf16_in_f32()
+      f32 = onednn_conv3d(x.astype(jnp.float32), w.astype(jnp.float32), strides, padding)
+      return f32.astype(jnp.bfloat16)
+    return onednn_conv3d(x, w, strides, padding)
+
+  return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=lambda x, w: plain(x, w))
+

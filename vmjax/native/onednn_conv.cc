@@ -6,6 +6,8 @@
 //   y  (N, Do, Ho, Wo, Co) "ndhwc"    output
 // Attributes: strides, pad_lo, pad_hi (3 each, int64). No dilation, no groups: the Python side
 // routes only such convolutions here (vmjax/conv.py) and everything else to lax.
+// Each handler exists for f32 and for bf16 (x, w, y all of that type; oneDNN accumulates in f32;
+// AVX512-BF16 / AMX kernels where the CPU has them: vmjax/conv.py sends bf16 here only then).
 //
 // Three handlers: forward (y = x * w), backward data (dx from dy) and backward weights (dw from
 // x, dy). oneDNN picks the kernel (brgemm/AMX on Sapphire Rapids) and the weights' internal
@@ -40,16 +42,23 @@ dnnl::engine& Engine() {
 
 struct Geometry {
   memory::dims x, w, y, strides, pad_lo, pad_hi;  // oneDNN order: N C D H W / O I D H W
+  dt type = dt::f32;                                // of x, w and y alike
   bool operator<(const Geometry& o) const {
-    return std::tie(x, w, y, strides, pad_lo, pad_hi) <
-           std::tie(o.x, o.w, o.y, o.strides, o.pad_lo, o.pad_hi);
+    return std::tie(x, w, y, strides, pad_lo, pad_hi, type) <
+           std::tie(o.x, o.w, o.y, o.strides, o.pad_lo, o.pad_hi, o.type);
   }
 };
+
+template <ffi::DataType T>
+constexpr dt OneDnnType() {
+  static_assert(T == ffi::DataType::F32 || T == ffi::DataType::BF16);
+  return T == ffi::DataType::F32 ? dt::f32 : dt::bf16;
+}
 
 ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
                         ffi::Span<const int64_t> y_dims, ffi::Span<const int64_t> strides,
                         ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
-                        Geometry* g) {
+                        dt type, Geometry* g) {
   if (x_dims.size() != 5 || w_dims.size() != 5 || y_dims.size() != 5)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax onednn conv: rank must be 5");
   if (strides.size() != 3 || pad_lo.size() != 3 || pad_hi.size() != 3)
@@ -63,6 +72,7 @@ ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
   g->strides = {strides[0], strides[1], strides[2]};
   g->pad_lo = {pad_lo[0], pad_lo[1], pad_lo[2]};
   g->pad_hi = {pad_hi[0], pad_hi[1], pad_hi[2]};
+  g->type = type;
   return ffi::Error::Success();
 }
 
@@ -80,10 +90,10 @@ struct Plan {
 std::unique_ptr<Plan> MakePlan(const Geometry& g) {
   auto plan = std::make_unique<Plan>();
   dnnl::engine& eng = Engine();
-  plan->x_md = memory::desc(g.x, dt::f32, tag::ndhwc);
-  plan->w_md = memory::desc(g.w, dt::f32, tag::dhwio);
-  plan->y_md = memory::desc(g.y, dt::f32, tag::ndhwc);
-  memory::desc w_any(g.w, dt::f32, tag::any);
+  plan->x_md = memory::desc(g.x, g.type, tag::ndhwc);
+  plan->w_md = memory::desc(g.w, g.type, tag::dhwio);
+  plan->y_md = memory::desc(g.y, g.type, tag::ndhwc);
+  memory::desc w_any(g.w, g.type, tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   plan->fwd_pd = dnnl::convolution_forward::primitive_desc(
@@ -136,12 +146,13 @@ memory Scratchpad(const memory::desc& md) {
   return memory(md, Engine(), buffer.data());
 }
 
-ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+template <ffi::DataType T>
+ffi::Error ConvForward(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                       ffi::Span<const int64_t> pad_hi) {
   Geometry g;
   if (auto err = ReadGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, pad_lo,
-                              pad_hi, &g);
+                              pad_hi, OneDnnType<T>(), &g);
       !err.success())
     return err;
   return Guard([&] {
@@ -163,12 +174,13 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   });
 }
 
-ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
-                            ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+template <ffi::DataType T>
+ffi::Error ConvBackwardData(ffi::Buffer<T> dy, ffi::Buffer<T> w, ffi::ResultBuffer<T> dx,
+                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                            ffi::Span<const int64_t> pad_hi) {
   Geometry g;
   if (auto err = ReadGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides,
-                              pad_lo, pad_hi, &g);
+                              pad_lo, pad_hi, OneDnnType<T>(), &g);
       !err.success())
     return err;
   return Guard([&] {
@@ -191,13 +203,14 @@ ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   });
 }
 
-ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                               ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> strides,
+template <ffi::DataType T>
+ffi::Error ConvBackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<T> dw,
+                               ffi::Span<const int64_t> strides,
                                ffi::Span<const int64_t> pad_lo,
                                ffi::Span<const int64_t> pad_hi) {
   Geometry g;
   if (auto err = ReadGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides,
-                              pad_lo, pad_hi, &g);
+                              pad_lo, pad_hi, OneDnnType<T>(), &g);
       !err.success())
     return err;
   return Guard([&] {
@@ -220,29 +233,19 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+#define VMJAX_CONV_HANDLER(SYMBOL, FUNCTION, TYPE)                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, FUNCTION<ffi::DataType::TYPE>, \
+                                ffi::Ffi::Bind()                       \
+                                    .Arg<ffi::Buffer<ffi::TYPE>>()     \
+                                    .Arg<ffi::Buffer<ffi::TYPE>>()     \
+                                    .Ret<ffi::Buffer<ffi::TYPE>>()     \
+                                    .Attr<ffi::Span<const int64_t>>("strides") \
+                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
+                                    .Attr<ffi::Span<const int64_t>>("pad_hi"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvBackwardData, ConvBackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvBackwardWeights, ConvBackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+VMJAX_CONV_HANDLER(VmjaxConvForward, ConvForward, F32)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardData, ConvBackwardData, F32)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardWeights, ConvBackwardWeights, F32)
+VMJAX_CONV_HANDLER(VmjaxConvForwardBf16, ConvForward, BF16)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardDataBf16, ConvBackwardData, BF16)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardWeightsBf16, ConvBackwardWeights, BF16)
