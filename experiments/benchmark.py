@@ -74,6 +74,13 @@ def conv_gflop(variant, shape, batch=1):
   return flops / 1e9
 
 
+def _first_and_median(fn, steps):
+  """Seconds of the first call (compile included) and the median of ``steps`` more."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start, _median_time(fn, steps)
+
+
 def _median_time(fn, steps):
   times = []
   for _ in range(steps):
@@ -126,10 +133,7 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat, dtype=
             "dtype": dtype,
             "params": vmjax.count_params(variables["params"])}
 
-  start = time.perf_counter()
-  jax.block_until_ready(vmjax.register(model, variables, moving, fixed))
-  result["register_compile_s"] = time.perf_counter() - start
-  result["register_s"] = _median_time(
+  result["register_compile_s"], result["register_s"] = _first_and_median(
       lambda: jax.block_until_ready(vmjax.register(model, variables, moving, fixed)), steps)
   result["register_peak_rss_gib"] = _peak_rss_gib()
   if with_train:
@@ -180,20 +184,14 @@ def run_torch(model_name, shape, batch, steps, with_train):
       ref.warp(moving, disp)
     sync()
 
-  start = time.perf_counter()
-  register()
-  result["register_compile_s"] = time.perf_counter() - start
-  result["register_s"] = _median_time(register, steps)
+  result["register_compile_s"], result["register_s"] = _first_and_median(register, steps)
   if with_train:
     step = ref.train_step_fn(model)
 
     def one_step():
       step(moving, fixed)
       sync()
-    start = time.perf_counter()
-    one_step()
-    result["train_compile_s"] = time.perf_counter() - start
-    result["train_step_s"] = _median_time(one_step, steps)
+    result["train_compile_s"], result["train_step_s"] = _first_and_median(one_step, steps)
   result["peak_rss_gib"] = _peak_rss_gib()
   return result
 
@@ -266,10 +264,7 @@ def run_native_pair(steps, dtype):
                      if jax.default_backend() == "cpu" else f"xla ({jax.default_backend()})"),
             "dtype": dtype,
             "params": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(variables))}
-  start = time.perf_counter()
-  run()
-  result["register_compile_s"] = time.perf_counter() - start
-  result["register_s"] = _median_time(run, steps)
+  result["register_compile_s"], result["register_s"] = _first_and_median(run, steps)
   result["peak_rss_gib"] = _peak_rss_gib()
   return result
 
