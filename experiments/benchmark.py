@@ -38,7 +38,8 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["80x96x112"], "Spatial shapes DxHxW (each divisible by 16).")
-flags.DEFINE_integer("batch", 1, "Pairs per call.")
+flags.DEFINE_integer("batch", 1, "Pairs per call (register() and the train step take a batch; "
+                     "pairs/s = batch / register s).")
 flags.DEFINE_integer("steps", 5, "Timed repetitions (after one warm-up).")
 flags.DEFINE_list("variants", ["vm1", "vm2", "diffeomorphic"], "vmjax model variants.")
 flags.DEFINE_list("conv", ["onednn"], "vmjax CPU convolution paths to time: onednn, xla.")
@@ -356,7 +357,7 @@ def main(argv):
         print(f"single conv 34->32 at {shape_text}, {key}: {t:.3f} s, {rate:.0f} GFLOP/s",
               flush=True)
   header = ("shape", "impl", "model", "conv", "dtype", "params", "register s", "compile s",
-            "register GFLOP/s", "train step s", "compile s", "train GFLOP/s", "peak RSS GiB",
+            "pairs/s", "register GFLOP/s", "train step s", "compile s", "train GFLOP/s", "peak RSS GiB",
             "register / torch vm2", "train / torch vm2")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for shape_text in FLAGS.shapes:
@@ -383,7 +384,7 @@ def main(argv):
           f"| {shape_text} | {r['impl']} | {r['model']} | {r['conv']} | "
           f"{r.get('dtype', 'float32')} | {r['params']:,} | "
           f"{r['register_s']:.3f} | {r['register_compile_s']:.1f} | "
-          f"{reg_rate} | {train_s:.3f} | "
+          f"{FLAGS.batch / r['register_s']:.2f} | {reg_rate} | {train_s:.3f} | "
           f"{r.get('train_compile_s', float('nan')):.1f} | "
           f"{train_rate} | {r['peak_rss_gib']:.2f} | "
           f"{ratio('register_s')} | {ratio('train_step_s')} |")
@@ -394,7 +395,8 @@ def main(argv):
       if r:
         lines.append(f"| 256x256x160 native pair | {r['impl']} | {r['model']} | {r['conv']} | "
                      f"{dtype} | {r['params']:,} | {r['register_s']:.3f} | "
-                     f"{r['register_compile_s']:.1f} | — | — | — | — | {r['peak_rss_gib']:.2f} "
+                     f"{r['register_compile_s']:.1f} | {1 / r['register_s']:.3f} | — | — | — | "
+                     f"— | {r['peak_rss_gib']:.2f} "
                      "| — | — |")
         print(lines[-1], flush=True)
   print("\n".join(lines))
