@@ -229,6 +229,7 @@ def _fwd(x, w, strides, padding):
 
 def _bwd(strides, padding, residuals, dy):
   x, w = residuals
+  dy = dy.astype(x.dtype)  # the kernels take one dtype for all three buffers
   dx = _ffi("bwd_data", x.shape, dy, w, strides=strides, padding=padding)
   dw = _ffi("bwd_weights", w.shape, x, dy, strides=strides, padding=padding)
   return dx, dw
