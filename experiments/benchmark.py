@@ -27,7 +27,6 @@ instructions (AMX / AVX512-BF16 / none): these machines differ from run to run.
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -96,16 +95,13 @@ def _peak_rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-def cpu_model() -> str:
-  """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+def _conv_label() -> str:
+  """Which convolution a vmjax row ran: ``onednn`` / ``xla`` on CPU, XLA's elsewhere."""
+  import jax
+  from vmjax import conv
+  if jax.default_backend() != "cpu":
+    return f"xla ({jax.default_backend()})"
+  return "onednn" if conv.onednn_available() else "xla"
 
 
 def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat, dtype="float32"):
@@ -115,7 +111,6 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat, dtype=
   import numpy as np
   import vmjax
   from configs import default
-  from vmjax import conv
   from vmjax import networks
   from vmjax import train
 
@@ -127,10 +122,8 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat, dtype=
   moving, fixed = (jax.numpy.asarray(rng.uniform(size=(batch, *shape, 1)), "float32")
                    for _ in range(2))
   variables = vmjax.init_variables(model, jax.random.PRNGKey(0), shape)
-  on_cpu = jax.default_backend() == "cpu"
   result = {"impl": "vmjax", "model": variant,
-            "conv": (("onednn" if conv.onednn_available() else "xla") if on_cpu
-                     else f"xla ({jax.default_backend()})") + (" remat" if remat else ""),
+            "conv": _conv_label() + (" remat" if remat else ""),
             "dtype": dtype,
             "params": vmjax.count_params(variables["params"])}
 
@@ -231,8 +224,8 @@ def run_native_pair(steps, dtype):
   different axes and shifted, holding the model's template."""
   import jax
   import numpy as np
+  import vmjax
   from vmjax import affine as affine_lib
-  from vmjax import conv
   from vmjax import networks
   from vmjax import pipeline
   from vmjax import pretrained
@@ -261,10 +254,8 @@ def run_native_pair(steps, dtype):
     jax.block_until_ready(out["moved"])
 
   result = {"impl": "vmjax pipeline", "model": "shipped (oasis-vm2-diff, 1 mm)",
-            "conv": (("onednn" if conv.onednn_available() else "xla")
-                     if jax.default_backend() == "cpu" else f"xla ({jax.default_backend()})"),
-            "dtype": dtype,
-            "params": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(variables))}
+            "conv": _conv_label(), "dtype": dtype,
+            "params": vmjax.count_params(variables["params"])}
   result["register_compile_s"], result["register_s"] = _first_and_median(run, steps)
   result["peak_rss_gib"] = _peak_rss_gib()
   return result
@@ -341,7 +332,7 @@ def main(argv):
   device = jax.devices()[0]
   print(f"vmjax benchmark: batch {FLAGS.batch}, median of {FLAGS.steps} after a warm-up; "
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}); "
-        f"{os.cpu_count()} CPUs, {cpu_model()}, bf16 instructions: {conv.bf16_isa() or 'none'}",
+        f"{os.cpu_count()} CPUs, {conv.cpu_model()}, bf16 instructions: {conv.bf16_isa() or 'none'}",
         flush=True)
   specs = [f"vmjax:{v}:{c}:{d}" for v in FLAGS.variants for c in FLAGS.conv for d in FLAGS.dtype]
   if "torch" in FLAGS.compare:

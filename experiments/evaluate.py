@@ -39,8 +39,8 @@ from vmjax import cli
 from vmjax import data
 from vmjax import evaluation
 from vmjax import io
-from vmjax import networks
 from vmjax import metrics
+from vmjax import networks
 from vmjax import plots
 from vmjax import pretrained
 from vmjax.atomic import atomic_path
@@ -111,8 +111,7 @@ def build_methods():
     else:
       model, variables, config = pretrained.load(FLAGS.model)
       space = pretrained.space(FLAGS.model)
-    model = networks.with_dtype(model, FLAGS.dtype or networks.registration_dtype())
-    logging.info("vmjax network computes in %s", np.dtype(model.dtype).name)
+    model = networks.for_registration(model, FLAGS.dtype)
   for name in FLAGS.methods:
     preset = name.split(":", 1)[1] if name.startswith("ants:") else (
         "SyN" if name == "ants_syn" else None)

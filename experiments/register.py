@@ -63,15 +63,10 @@ def load_model():
   if FLAGS.workdir or FLAGS.checkpoint:
     model, variables, config = checkpoints.load_trained(FLAGS.workdir or FLAGS.checkpoint,
                                                         best=FLAGS.best)
-    return _in_dtype(model), variables, config, None
+    return networks.for_registration(model, FLAGS.dtype), variables, config, None
   model, variables, config = pretrained.load(FLAGS.model)
-  return _in_dtype(model), variables, config, pretrained.space(FLAGS.model)
-
-
-def _in_dtype(model):
-  dtype = FLAGS.dtype or networks.registration_dtype()
-  logging.info("network computes in %s", dtype)
-  return networks.with_dtype(model, dtype)
+  return (networks.for_registration(model, FLAGS.dtype), variables, config,
+          pretrained.space(FLAGS.model))
 
 
 def run():

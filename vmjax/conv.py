@@ -14,9 +14,9 @@ The oneDNN kernel (``vmjax/native/onednn_conv.cc``) is compiled with the system 
 first use against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (requirements.txt)
 and cached under ``$VMJAX_CACHE`` (default ``~/.cache/vmjax``; one library per source, jax,
 oneDNN version and compiler). It is built only when a convolution is traced for the CPU backend
-(never on a GPU/TPU host's default path); ``python -m experiments.build_native`` builds it ahead of time (for
-container images). Anything missing (no compiler, no oneDNN, not x86-64 Linux) falls back to
-XLA with one warning. ``VMJAX_CONV=xla`` forces XLA.
+(never on a GPU/TPU host's default path); ``python -m experiments.build_native`` builds it ahead
+of time (for container images). Anything missing (no compiler, no oneDNN, not x86-64 Linux)
+falls back to XLA with one warning. ``VMJAX_CONV=xla`` forces XLA.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def _dnnl_version(include: str) -> str:
       text = f.read()
   except OSError:
     return "unknown"
-  parts = [re.search(rf"#define DNNL_VERSION_{p}\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+  parts = [re.search(rf"#define DNNL_VERSION_{p}\s+(\d+)", text)
+           for p in ("MAJOR", "MINOR", "PATCH")]
   return ".".join(m.group(1) if m else "?" for m in parts)
 
 
@@ -93,14 +94,27 @@ def _compiler_version(cxx: str) -> str:
     return "unknown"
 
 
+def _cpuinfo(key: str) -> str | None:
+  """The first ``key : value`` of ``/proc/cpuinfo`` (None where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.split(":", 1)[0].strip() == key:
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
+def cpu_model() -> str:
+  """The CPU's model name, for logs and benchmark headers (these machines differ)."""
+  return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
 @functools.cache
 def bf16_isa() -> str | None:
   """The CPU's bf16 instructions that oneDNN uses: ``"AMX"``, ``"AVX512-BF16"`` or None."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-  except OSError:
-    return None
+  flags = (_cpuinfo("flags") or "").split()
   if "amx_bf16" in flags:
     return "AMX"
   if "avx512_bf16" in flags:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -200,6 +201,14 @@ def registration_dtype() -> str:
   if jax.default_backend() != "cpu":
     return "bfloat16"
   return "bfloat16" if conv.bf16_isa() and conv.onednn_available() else "float32"
+
+
+def for_registration(model: VxmDense, name: str | None) -> VxmDense:
+  """``model`` in ``name`` (a command line's ``--dtype``), or in :func:`registration_dtype`
+  when None; says which in the log."""
+  name = name or registration_dtype()
+  logging.info("vmjax network computes in %s", name)
+  return with_dtype(model, name)
 
 
 def with_dtype(model: VxmDense, name: str | None) -> VxmDense:

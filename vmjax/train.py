@@ -276,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       p_state, step_metrics = p_step(p_state, batch)
       done = step + 1
       # One scalar per step from the device (a sync; the step's own compute dominates).
-      if float(np.asarray(step_metrics["finite"].addressable_data(0))[0]):
+      if float(unreplicate(step_metrics["finite"])):
         skipped = 0
       else:
         skipped += 1
