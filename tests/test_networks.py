@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import vmjax
+from vmjax import checks
 from vmjax import losses
 from vmjax import networks
 
@@ -178,5 +179,6 @@ def test_config_dtype_builds_the_model_and_rejects_others():
   config.model.dtype = "bfloat16"
   assert networks.model_from_config(config.model).dtype == jnp.bfloat16
   config.model.dtype = "float16"
-  with pytest.raises(ValueError, match="model dtype must be one of"):
+  # A DataError: the command lines report it in one line naming the setting.
+  with pytest.raises(checks.DataError, match=r"model dtype must be one of .*config.model.dtype"):
     networks.model_from_config(config.model)

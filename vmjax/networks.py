@@ -220,7 +220,8 @@ def with_dtype(model: VxmDense, name: str | None) -> VxmDense:
 def compute_dtype(name) -> jnp.dtype:
   """``"float32"`` / ``"bfloat16"`` (``config.model.dtype``, ``--dtype``) as a dtype."""
   if str(jnp.dtype(name) if not isinstance(name, str) else name) not in DTYPES:
-    raise ValueError(f"model dtype must be one of {DTYPES}, got {name!r}")
+    raise checks.DataError(f"model dtype must be one of {DTYPES} (config.model.dtype, "
+                           f"--dtype), got {name!r}")
   return jnp.dtype(name)
 
 
