@@ -222,8 +222,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   local_devices, devices = jax.local_device_count(), jax.device_count()
 
   model = networks.model_from_config(config.model)
-  logging.info("platform %s, %s; convolutions: %s", jax.default_backend(),
-               jax.devices()[0].device_kind, conv.describe_path())
+  backend = jax.default_backend()
+  logging.info("platform %s, %s; convolutions: %s", backend,
+               conv.cpu_model() if backend == "cpu" else jax.devices()[0].device_kind,
+               conv.describe_path())
   dataset = data_lib.build(config, shard=(process, processes), levels=model.levels)
   spatial_shape = dataset.spatial_shape
   os.makedirs(workdir, exist_ok=True)  # after the data checks: a bad input leaves nothing behind
