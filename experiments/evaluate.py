@@ -68,9 +68,7 @@ flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants:SyN"]
                   "(ants:Affine, ants:SyN, ants:SyNCC, ants:antsRegistrationSyN[s], ...; cached "
                   "per pair in OUTDIR/cache).")
 flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
-flags.DEFINE_integer("instance_steps", 50, "Steps for vmjax_instance / vmjax_native_instance.")
-flags.DEFINE_float("instance_lr", None,
-                   "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
+cli.define_instance_flags(__name__, default_steps=50)
 flags.mark_flags_as_required(["outdir"])
 
 
@@ -120,16 +118,16 @@ def build_methods():
     elif name == "vmjax":
       methods[name] = evaluation.vmjax_method(model, variables, config)
     elif name == "vmjax_instance":
-      methods[name] = evaluation.vmjax_method(model, variables, config, FLAGS.instance_steps,
-                                              FLAGS.instance_lr)
+      methods[name] = evaluation.vmjax_method(model, variables, config,
+                                              cli.instance_from_flags())
     elif name in ("vmjax_native", "vmjax_native_instance", "vmjax_affine"):
       if space is None:
         raise app.UsageError(f"{name} needs a model with a template space (the shipped "
                              "pretrained models: leave out --workdir)")
-      steps = FLAGS.instance_steps if name == "vmjax_native_instance" else 0
+      instance = cli.instance_from_flags(None if name == "vmjax_native_instance" else 0)
       methods[name] = evaluation.vmjax_pipeline_method(
           model, variables, config, space, deformable=name != "vmjax_affine",
-          instance_steps=steps, instance_lr=FLAGS.instance_lr)
+          instance=instance)
     elif preset is not None:
       if preset not in evaluation.ANTS_PRESETS:
         raise app.UsageError(f"unknown ANTs preset {preset!r} (one of "

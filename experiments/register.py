@@ -52,9 +52,7 @@ flags.DEFINE_enum("affine", "affine", ["affine", "none"],
                   "affine: align both scans to the model's template first (any grids); none: "
                   "the scans are already aligned on one grid.")
 flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
-flags.DEFINE_integer("instance_steps", 0, "Test-time optimisation steps on this pair.")
-flags.DEFINE_float("instance_lr", None,
-                   "Its Adam learning rate (default: registration.INSTANCE_LR = 1e-4).")
+cli.define_instance_flags(__name__, default_steps=0)
 flags.mark_flags_as_required(["moving", "fixed"])
 
 
@@ -76,14 +74,14 @@ def run():
   if FLAGS.affine == "affine" and space is None:
     raise app.UsageError("--affine=affine needs a model with a template (the shipped pretrained "
                          "models); with --workdir use --affine=none on aligned scans")
+  instance = cli.instance_from_flags()
   start = time.perf_counter()
   result = pipeline.register_pair(model, variables, config, moving, fixed, space, FLAGS.affine,
-                                  FLAGS.instance_steps, FLAGS.instance_lr,
-                                  inverse=bool(FLAGS.warp_ants_inverse))
+                                  instance, inverse=bool(FLAGS.warp_ants_inverse))
   jax.block_until_ready(result["disp"])
   logging.info("registered in %.2f s (compile included); loss %.5f -> %.5f%s",
                time.perf_counter() - start, result["loss_before"], result["loss_after"],
-               f" after {FLAGS.instance_steps} instance steps" if FLAGS.instance_steps else "")
+               f" after {instance.describe()}" if instance.steps else "")
   disp = np.asarray(result["disp"], np.float32)
   outputs = {FLAGS.moved: (np.asarray(result["moved"], np.float32), "vol"),
              FLAGS.warp: (disp, "vol")}

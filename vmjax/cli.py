@@ -12,6 +12,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vmjax import registration
+
 flags.DEFINE_bool("library_logs", False, "Also show other libraries' INFO logs (orbax, jax); "
                   "by default the log is vmjax's own progress plus everyone's warnings.")
 
@@ -20,6 +22,28 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # What bad input raises: DataError (a ValueError) for scans and settings, FileNotFoundError for
 # missing models or workdirs, OSError for unreadable or unwritable paths.
 INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
+
+
+def define_instance_flags(module_name: str, default_steps: int) -> None:
+  """``--instance_steps``, ``--instance_lr``, ``--instance_target`` for a command (listed in
+  the ``--help`` of ``module_name``); read them back with :func:`instance_from_flags`."""
+  flags.DEFINE_integer("instance_steps", default_steps,
+                       "Instance optimisation: Adam steps on this pair's training loss after the "
+                       "network (0: none).", lower_bound=0, module_name=module_name)
+  flags.DEFINE_float("instance_lr", None, "Its learning rate (default: registration.INSTANCE_LR: "
+                     f"{registration.INSTANCE_LR}).", module_name=module_name)
+  flags.DEFINE_enum("instance_target", "field", list(registration.INSTANCE_LR),
+                    "What it tunes: the network's field for this pair (fast: no network pass "
+                    "per step) or the network's parameters (VoxelMorph's instance-specific "
+                    "optimisation).", module_name=module_name)
+
+
+def instance_from_flags(steps: int | None = None) -> registration.InstanceOptimisation:
+  """The :class:`vmjax.registration.InstanceOptimisation` the flags ask for (``steps``
+  overrides ``--instance_steps``)."""
+  f = flags.FLAGS
+  return registration.InstanceOptimisation(
+      f.instance_steps if steps is None else steps, f.instance_lr, f.instance_target)
 
 
 def run_reporting_errors(command: str, run: Callable[[], None],

@@ -144,20 +144,21 @@ def timed_method(register: Callable) -> Callable:
   return run
 
 
-def vmjax_method(model, variables, config, instance_steps: int = 0,
-                 instance_lr: float | None = None) -> Callable:
+def vmjax_method(model, variables, config,
+                 instance: registration.InstanceOptimisation | None = None) -> Callable:
   """A vmjax model on pairs already aligned on one grid (:func:`registration.register_scans`)."""
   return timed_method(lambda moving, fixed: registration.register_scans(
-      model, variables, config, moving, fixed, instance_steps, instance_lr))
+      model, variables, config, moving, fixed, instance))
 
 
 def vmjax_pipeline_method(model, variables, config, space, deformable: bool = True,
-                          instance_steps: int = 0, instance_lr: float | None = None) -> Callable:
+                          instance: registration.InstanceOptimisation | None = None
+                          ) -> Callable:
   """The whole path from any grids (:func:`pipeline.register_pair`: affine to the model's
   template, the network, the composed field on the fixed grid); ``deformable=False``: the
   affine step alone."""
   return timed_method(lambda moving, fixed: pipeline.register_pair(
-      model, variables, config, moving, fixed, space, "affine", instance_steps, instance_lr,
+      model, variables, config, moving, fixed, space, "affine", instance,
       deformable=deformable))
 
 

@@ -129,6 +129,30 @@ def one_hot_labels(seg: jax.Array, labels) -> jax.Array:
   return (seg == jnp.asarray(labels, seg.dtype)).astype(jnp.float32)
 
 
+def field_loss(fields: dict, moving: jax.Array, fixed: jax.Array,
+               loss_cfg) -> tuple[jax.Array, dict]:
+  """The image and smoothness terms of :func:`compute_loss` for given fields.
+
+  ``sim(fixed, moving∘φ) [+ sim(moving, fixed∘φ⁻¹), each weighted 1/2 when bidirectional]
+  + lam · grad_loss(velocity)``.
+
+  Args:
+    fields: ``disp``, ``velocity`` (and ``inverse`` when ``loss_cfg.bidir``) as
+      :meth:`vmjax.networks.VxmDense.fields` returns them, ``(B, ., ., ., 3)``.
+    moving, fixed: ``(B, D, H, W, 1)``.
+    loss_cfg: ``config.loss``.
+
+  Returns:
+    ``(loss, {"image": ..., "smooth": ...})``.
+  """
+  sim = image_loss(loss_cfg)
+  image_term = sim(fixed, transforms.warp(moving, fields["disp"]))
+  if loss_cfg.bidir:
+    image_term = 0.5 * image_term + 0.5 * sim(moving, transforms.warp(fixed, fields["inverse"]))
+  smooth_term = grad_loss(fields["velocity"])
+  return image_term + loss_cfg.lam * smooth_term, {"image": image_term, "smooth": smooth_term}
+
+
 def compute_loss(params, model, batch: dict, loss_cfg, seg_labels=()) -> tuple[jax.Array, dict]:
   """The VoxelMorph objective for one batch.
 
@@ -146,17 +170,11 @@ def compute_loss(params, model, batch: dict, loss_cfg, seg_labels=()) -> tuple[j
   Returns:
     ``(loss, metrics)``.
   """
-  sim = image_loss(loss_cfg)
   moving, fixed = batch["moving"], batch["fixed"]
   fields = model.apply({"params": params}, moving, fixed, bidir=loss_cfg.bidir,
                        method=type(model).fields)
+  loss, out = field_loss(fields, moving, fixed, loss_cfg)
   disp = fields["disp"]
-  image_term = sim(fixed, transforms.warp(moving, disp))
-  if loss_cfg.bidir:
-    image_term = 0.5 * image_term + 0.5 * sim(moving, transforms.warp(fixed, fields["inverse"]))
-  smooth_term = grad_loss(fields["velocity"])
-  loss = image_term + loss_cfg.lam * smooth_term
-  out = {"image": image_term, "smooth": smooth_term}
   if loss_cfg.seg_weight > 0:
     if "moving_seg" not in batch or not len(seg_labels):
       raise ValueError("config.loss.seg_weight > 0 needs labelled data and config.data.labels")

@@ -142,19 +142,26 @@ class VxmDense(nn.Module):
     flow = ConvBlock(3, activation=False, dtype=jnp.float32, name="flow",
                      kernel_init=nn.initializers.normal(1e-5))(x.astype(jnp.float32))
     if self.int_steps == 0:
-      out = {"disp": flow, "velocity": flow}
-      if bidir:
-        out["inverse"] = -flow
-      return out
-    full_shape = flow.shape[1:4]
+      return self.fields_from_velocity(flow, flow.shape[1:4], bidir)
     velocity = flow
     if self.int_downsize > 1:
       velocity = transforms.resize_field(
-          flow, tuple(n // self.int_downsize for n in full_shape))
+          flow, tuple(n // self.int_downsize for n in flow.shape[1:4]))
+    return self.fields_from_velocity(velocity, flow.shape[1:4], bidir)
+
+  def fields_from_velocity(self, velocity: jax.Array, full_shape, bidir: bool = False) -> dict:
+    """:meth:`fields` from the network's ``velocity`` (``(B, d, h, w, 3)``, as :meth:`fields`
+    returns it) on a ``full_shape`` ``(D, H, W)`` grid; no parameters (callable unbound, e.g.
+    on a velocity refined for one pair)."""
+    if self.int_steps == 0:
+      out = {"disp": velocity, "velocity": velocity}
+      if bidir:
+        out["inverse"] = -velocity
+      return out
 
     def integrate(v):
       return transforms.resize_field(transforms.integrate_velocity(v, self.int_steps),
-                                     full_shape)
+                                     tuple(full_shape))
 
     out = {"disp": integrate(velocity), "velocity": velocity}
     if bidir:

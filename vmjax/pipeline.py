@@ -74,7 +74,7 @@ def world_jacobian(u: jax.Array, fixed: Volume, moving: Volume) -> jax.Array:
 
 def register_pair(model, variables, config, moving: Volume, fixed: Volume,
                   space: ModelSpace | None = None, affine: str = "affine",
-                  instance_steps: int = 0, instance_lr: float | None = None,
+                  instance: registration.InstanceOptimisation | None = None,
                   deformable: bool = True, inverse: bool = False) -> dict:
   """Registers ``moving`` to ``fixed``, each on its own grid, through the model's space.
 
@@ -83,6 +83,8 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
       resampled onto the model's grid, registered there, and the result composed back onto the
       fixed grid; ``"none"``: the scans are already aligned and on one grid (else a
       :class:`DataError`), registered directly as :func:`vmjax.registration.register_scans`.
+    instance: test-time optimisation in the model's space after the network
+      (:class:`vmjax.registration.InstanceOptimisation`; None: none).
     deformable: False stops after the affine step (its result alone, no network).
     inverse: also ``inverse_disp`` (diffeomorphic models): the same map backwards, as a field on
       the moving grid (fixed voxel = y + inverse_disp(y)).
@@ -100,8 +102,8 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
           f"--affine=none needs both scans on one voxel grid, but moving {moving.path} "
           f"{moving.image.shape} and fixed {fixed.path} {fixed.image.shape} differ in shape or "
           "affine; use --affine=affine to align them first")
-    out = registration.register_scans(model, variables, config, moving, fixed, instance_steps,
-                                      instance_lr, inverse)
+    out = registration.register_scans(model, variables, config, moving, fixed, instance,
+                                      inverse)
     out["world"] = np.eye(4)
     out["affine_moved_seg"] = moving.seg
     out["jacobian_det"] = world_jacobian(out["disp"], fixed, moving)
@@ -119,8 +121,7 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
   if deformable:
     in_space = [affine_lib.resample_volume(v, a, space.affine, space.shape)
                 for v, a in ((moving, a_moving), (fixed, a_fixed))]
-    out = registration.register_scans(model, variables, config, *in_space, instance_steps,
-                                      instance_lr, inverse)
+    out = registration.register_scans(model, variables, config, *in_space, instance, inverse)
     u = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, out["disp"])
     if inverse:  # the same composition with the roles of the scans swapped
       result["inverse_disp"] = compose_on_fixed_grid(moving, fixed, space, a_moving, a_fixed,

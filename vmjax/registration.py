@@ -1,8 +1,11 @@
-"""Registering a pair with a trained network: one jitted forward pass plus the warp."""
+"""Registering a pair with a trained network: one jitted forward pass plus the warp, and
+instance optimisation (Adam on this pair's training loss) of its field or its parameters."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 from jax import lax
@@ -70,8 +73,33 @@ def _pair_loss(model: VxmDense, loss_cfg, params, moving: jax.Array, fixed: jax.
   return losses.compute_loss(params, model, {"moving": moving, "fixed": fixed}, loss_cfg)[0]
 
 
-# The training loss of one pair (``moving``, ``fixed``: ``(B, D, H, W, C)``).
-pair_loss = jax.jit(_pair_loss, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fields(model: VxmDense, bidir: bool, variables, moving: jax.Array, fixed: jax.Array):
+  return model.apply(variables, moving, fixed, bidir=bidir, method=type(model).fields)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fields_from_velocity(model: VxmDense, bidir: bool, full_shape, velocity: jax.Array):
+  return model.fields_from_velocity(velocity, full_shape, bidir=bidir)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _field_loss(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Array,
+                fixed: jax.Array):
+  fields = model.fields_from_velocity(velocity, moving.shape[1:4], bidir=loss_cfg.bidir)
+  return losses.field_loss(fields, moving, fixed, loss_cfg)[0]
+
+
+def _adam(grad: Callable, steps: int, x, learning_rate: float):
+  """``steps`` Adam steps from ``x`` (any pytree) along ``grad(x)``; returns the last ``x``."""
+  tx = optax.adam(learning_rate)
+
+  def body(_, carry):
+    x, opt_state = carry
+    updates, opt_state = tx.update(grad(x), opt_state, x)
+    return optax.apply_updates(x, updates), opt_state
+
+  return lax.fori_loop(0, steps, body, (x, tx.init(x)))[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -79,39 +107,70 @@ def instance_optimise(model: VxmDense, loss_cfg, steps: int, params, moving: jax
                       fixed: jax.Array, learning_rate: float):
   """VoxelMorph's instance-specific optimisation: ``steps`` Adam steps on the network's
   parameters for this one pair, with the training loss. Returns the tuned parameters."""
-  tx = optax.adam(learning_rate)
-
-  def body(_, carry):
-    params, opt_state = carry
-    grads = jax.grad(_pair_loss, argnums=2)(model, loss_cfg, params, moving, fixed)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  params, _ = lax.fori_loop(0, steps, body, (params, tx.init(params)))
-  return params
+  grad = jax.grad(lambda p: _pair_loss(model, loss_cfg, p, moving, fixed))
+  return _adam(grad, steps, params, learning_rate)
 
 
-# Adam's step size for instance optimisation unless given. Measured on OASIS-TRT-20 13-15 -> 1
-# (VM-2 trained at lr 1e-3, 10 steps): Dice 0.568 without, 0.577 at 1e-4, 0.542 at 1e-3 (the
-# training lr overshoots on a single pair).
-INSTANCE_LR = 1e-4
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def refine_velocity(model: VxmDense, loss_cfg, steps: int, velocity: jax.Array,
+                    moving: jax.Array, fixed: jax.Array, learning_rate: float):
+  """Instance optimisation of the field: ``steps`` Adam steps on the network's output
+  ``velocity`` (``(B, d, h, w, 3)``, the field before integration, at ``1/int_downsize``
+  resolution in diffeomorphic models) for this one pair, with the training loss (the same image
+  and smoothness terms, the same integration: the field stays diffeomorphic). The network only
+  initialises it; each step costs a warp and the loss, not a pass through the U-Net.
+  Returns the refined velocity."""
+  grad = jax.grad(lambda v: _field_loss(model, loss_cfg, v, moving, fixed))
+  return _adam(grad, steps, velocity, learning_rate)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _inverse_field(model: VxmDense, variables, moving: jax.Array, fixed: jax.Array):
-  return model.apply(variables, moving, fixed, bidir=True)[1]
+# Adam's step size unless given, per target. "network": measured on OASIS-TRT-20 13-15 -> 1
+# (VM-2 trained at lr 1e-3, 2 mm, 10 steps): Dice 0.568 without, 0.577 at 1e-4, 0.542 at 1e-3
+# (the training lr overshoots on a single pair). "field": in voxels of the velocity's grid;
+# see README's instance-optimisation table (shipped 1 mm model).
+INSTANCE_LR = {"field": 0.1, "network": 1e-4}
 
 
-def register_scans(model: VxmDense, variables, config, moving, fixed, instance_steps: int = 0,
-                   instance_lr: float | None = None, inverse: bool = False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class InstanceOptimisation:
+  """Test-time optimisation of one pair's training loss after the network's prediction.
+
+  Attributes:
+    steps: Adam steps (0: the network's field as is).
+    lr: Adam's learning rate; None: ``INSTANCE_LR[target]``.
+    target: ``"field"`` refines the network's velocity for this pair (:func:`refine_velocity`;
+      cheap: no U-Net pass per step); ``"network"`` fine-tunes the network's parameters
+      (:func:`instance_optimise`, VoxelMorph TMI'19's instance-specific optimisation).
+  """
+  steps: int = 0
+  lr: float | None = None
+  target: str = "field"
+
+  def __post_init__(self):
+    if self.target not in INSTANCE_LR:
+      raise ValueError(f"instance optimisation target must be one of {tuple(INSTANCE_LR)}, "
+                       f"got {self.target!r}")
+    if self.steps < 0:
+      raise ValueError(f"instance optimisation steps must be >= 0, got {self.steps}")
+
+  @property
+  def learning_rate(self) -> float:
+    return self.lr or INSTANCE_LR[self.target]
+
+  def describe(self) -> str:
+    return (f"{self.steps} instance steps on the {self.target} (Adam, lr {self.learning_rate:g})"
+            if self.steps else "no instance steps")
+
+
+def register_scans(model: VxmDense, variables, config, moving, fixed,
+                   instance: InstanceOptimisation | None = None, inverse: bool = False) -> dict:
   """Registers two scans of any size on the same grid, as trained.
 
   The scans are prepared like the training data (``config.data.normalize``, ``downsample``),
   padded to the network's multiple, registered, and the displacement is cropped back and
   (after downsampling) resized to the full grid, so outputs live on the fixed scan's grid.
-  ``instance_steps > 0`` first fine-tunes the network on this pair with the training loss
-  (VoxelMorph's instance-specific optimisation; Adam, ``instance_lr``, default
-  ``INSTANCE_LR``). Compiled pieces are cached per shape.
+  ``instance.steps > 0`` then optimises this pair's training loss (:class:`InstanceOptimisation`:
+  the network's field or its parameters; None: none). Compiled pieces are cached per shape.
 
   Args:
     moving, fixed: :class:`vmjax.io.Volume` on the same voxel grid.
@@ -120,9 +179,9 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
     dict with ``moved`` (the raw moving image warped, ``(D, H, W)``), ``disp``
     (``(D, H, W, 3)``, voxels of the full grid), ``moved_seg`` (if ``moving.seg``),
     ``loss_before``/``loss_after`` (the training loss on this pair, at network resolution) and
-    ``variables`` (fine-tuned if ``instance_steps``); with ``inverse`` (diffeomorphic models:
-    the integral of the negated velocity) also ``inverse_disp``, the field that maps the fixed
-    scan onto the moving one.
+    ``variables`` (fine-tuned if ``instance.target == "network"``); with ``inverse`` (diffeomorphic
+    models: the integral of the negated velocity) also ``inverse_disp``, the field that maps the
+    fixed scan onto the moving one.
   """
   if inverse and model.int_steps == 0:
     raise ValueError("an inverse field needs a diffeomorphic model (config.model.int_steps > 0)")
@@ -130,6 +189,7 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
     raise ValueError(f"moving {moving.path} {moving.image.shape} and fixed {fixed.path} "
                      f"{fixed.image.shape} are on different voxel grids; resample the moving "
                      "scan onto the fixed grid (e.g. after affine alignment) first")
+  instance = instance or InstanceOptimisation()
   multiple = 2 ** model.levels
   x_moving, net_shape = _network_input(moving, config)
   x_fixed, _ = _network_input(fixed, config)
@@ -138,14 +198,23 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
   checks.check_pair(x_moving, x_fixed, levels=model.levels)
 
   loss_cfg = pair_loss_config(config)
-  result = {"loss_before": float(pair_loss(model, loss_cfg, variables["params"], x_moving,
-                                           x_fixed))}
-  if instance_steps > 0:
-    lr = instance_lr or INSTANCE_LR
-    params = instance_optimise(model, loss_cfg, int(instance_steps), variables["params"],
-                               x_moving, x_fixed, lr)
-    variables = {**variables, "params": params}
-    result["loss_after"] = float(pair_loss(model, loss_cfg, params, x_moving, x_fixed))
+  net_grid = x_moving.shape[1:4]
+  fields = _fields(model, inverse, variables, x_moving, x_fixed)
+  velocity = fields["velocity"]
+  result = {"loss_before": float(_field_loss(model, loss_cfg, velocity, x_moving, x_fixed))}
+  if instance.steps > 0:
+    lr = instance.learning_rate
+    if instance.target == "field":
+      velocity = refine_velocity(model, loss_cfg, int(instance.steps), velocity, x_moving,
+                                 x_fixed, lr)
+      fields = _fields_from_velocity(model, inverse, net_grid, velocity)
+    else:
+      params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
+                                 x_moving, x_fixed, lr)
+      variables = {**variables, "params": params}
+      fields = _fields(model, inverse, variables, x_moving, x_fixed)
+      velocity = fields["velocity"]
+    result["loss_after"] = float(_field_loss(model, loss_cfg, velocity, x_moving, x_fixed))
   else:
     result["loss_after"] = result["loss_before"]
   result["variables"] = variables
@@ -160,11 +229,10 @@ def register_scans(model: VxmDense, variables, config, moving, fixed, instance_s
       field = jnp.pad(field, pads + [(0, 0)], mode="edge")
     return field
 
-  _, disp = register(model, variables, x_moving, x_fixed)
-  disp = to_full_grid(disp)
+  disp = to_full_grid(fields["disp"])
   result["disp"] = disp[0]
   if inverse:
-    result["inverse_disp"] = to_full_grid(_inverse_field(model, variables, x_moving, x_fixed))[0]
+    result["inverse_disp"] = to_full_grid(fields["inverse"])[0]
   result.update(warp_volume(moving, disp[0]))
   return result
 
