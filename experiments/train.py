@@ -42,6 +42,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.INFO)
+  if not FLAGS.coordinator_address and (FLAGS.num_processes != 1 or FLAGS.process_id != 0):
+    raise app.UsageError("--num_processes / --process_id need --coordinator_address (host:port "
+                         "of process 0); on a pod or cluster use --config.distributed=True")
+  if FLAGS.coordinator_address and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+    raise app.UsageError(f"--process_id={FLAGS.process_id} is not in [0, --num_processes="
+                         f"{FLAGS.num_processes})")
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   # Bad data or settings (found before the first step) are one line; anything that goes wrong

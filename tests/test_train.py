@@ -184,6 +184,22 @@ def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--num_processes=2", "--process_id=1"], "need --coordinator_address"),
+    (["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+     "is not in [0, --num_processes=2)"),
+])
+def test_cli_rejects_incomplete_multi_process_flags(tmp_path, flags, message):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=configs/smoke.py",
+       f"--workdir={workdir}", *flags],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+  assert not workdir.exists()
+
+
 def test_non_finite_steps_are_skipped_and_the_run_stops_after_its_patience(tmp_path,
                                                                             monkeypatch):
   data_dir = write_subjects(tmp_path / "data")
