@@ -12,6 +12,8 @@ voxel each fixed voxel samples, minus its own index: moved(x) = moving(x + warp(
 ``--warp_ants`` (the same map as an ITK/ANTs displacement field: 5-D, vector intent, LPS mm,
 for ``antsApplyTransforms -t``; ``--warp_ants_inverse``: its inverse on the moving grid, for
 diffeomorphic models). ``--affine=none`` registers scans already on one grid.
+After the network, 50 Adam steps refine its field on this pair (``--instance_steps``; 0: the
+network alone, about 3x faster on a CPU, ~0.04 Dice lower on OASIS-TRT-20; see README).
 Errors (bad input, missing model) are one line on stderr and exit code 1; nothing is written.
 """
 
@@ -52,7 +54,7 @@ flags.DEFINE_enum("affine", "affine", ["affine", "none"],
                   "affine: align both scans to the model's template first (any grids); none: "
                   "the scans are already aligned on one grid.")
 flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
-cli.define_instance_flags(__name__, default_steps=0)
+cli.define_instance_flags(__name__, default_steps=50)
 flags.mark_flags_as_required(["moving", "fixed"])
 
 
@@ -81,7 +83,7 @@ def run():
   jax.block_until_ready(result["disp"])
   logging.info("registered in %.2f s (compile included); loss %.5f -> %.5f%s",
                time.perf_counter() - start, result["loss_before"], result["loss_after"],
-               f" after {instance.describe()}" if instance.steps else "")
+               f" after {instance.describe(config)}" if instance.steps else "")
   disp = np.asarray(result["disp"], np.float32)
   outputs = {FLAGS.moved: (np.asarray(result["moved"], np.float32), "vol"),
              FLAGS.warp: (disp, "vol")}

@@ -152,7 +152,7 @@ def dice(a, b, labels):
 
 def test_native_scans_register_with_the_shipped_model(shared_data, tmp_path):
   """Two subjects as acquired (256x256x160 ASL, raw intensities, float labels), no workdir: the
-  shipped model with its affine step; outputs on the fixed grid; labels overlap better than
+  shipped model with its affine step and (fewer than the default) instance steps; outputs on the fixed grid; labels overlap better than
   after the affine step alone, which overlaps better than the unaligned scans."""
   root = shared_data / "oasis_trt20_native"
   moving, fixed = root / "OASIS-TRT-20-13", root / "OASIS-TRT-20-1"
@@ -161,8 +161,9 @@ def test_native_scans_register_with_the_shipped_model(shared_data, tmp_path):
                    f"--moving_seg={moving / 'labels.nii.gz'}", f"--moved={out}/moved.nii.gz",
                    f"--moved_seg={out}/moved_seg.nii.gz", f"--warp={out}/warp.nii.gz",
                    f"--warp_ants={out}/warp_ants.nii.gz",
-                   f"--warp_ants_inverse={out}/inverse_ants.nii.gz")
+                   f"--warp_ants_inverse={out}/inverse_ants.nii.gz", "--instance_steps=10")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "after 10 instance steps on the field" in result.stderr
   fixed_img = nib.load(str(fixed / "t1.nii.gz"))
   for name in ("moved", "moved_seg", "warp", "warp_ants"):
     img = nib.load(str(out / f"{name}.nii.gz"))
@@ -229,5 +230,14 @@ def test_instance_optimisation_settings_are_checked():
     registration.InstanceOptimisation(steps=3, target="weights")
   with pytest.raises(ValueError, match="steps must be >= 0"):
     registration.InstanceOptimisation(steps=-1)
+  with pytest.raises(ValueError, match="smoothness weight must be >= 0"):
+    registration.InstanceOptimisation(steps=1, lam=-0.5)
   assert registration.InstanceOptimisation(target="network").learning_rate == (
       registration.INSTANCE_LR["network"])
+  config = tiny_config()
+  config.loss.lam = 0.7
+  lam = lambda **kw: registration.InstanceOptimisation(**kw).loss_config(config).lam
+  assert lam(steps=5) == registration.INSTANCE_LAM["field"]
+  assert lam(steps=5, lam=0.3) == 0.3
+  assert lam(steps=5, target="network") == 0.7  # the training's weight
+  assert lam(steps=0) == 0.7  # no optimisation: the loss reported is the training's

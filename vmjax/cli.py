@@ -25,13 +25,17 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 
 def define_instance_flags(module_name: str, default_steps: int) -> None:
-  """``--instance_steps``, ``--instance_lr``, ``--instance_target`` for a command (listed in
-  the ``--help`` of ``module_name``); read them back with :func:`instance_from_flags`."""
+  """``--instance_steps``, ``--instance_lr``, ``--instance_lam``, ``--instance_target`` for a
+  command (listed in the ``--help`` of ``module_name``); read them back with
+  :func:`instance_from_flags`."""
   flags.DEFINE_integer("instance_steps", default_steps,
                        "Instance optimisation: Adam steps on this pair's training loss after the "
                        "network (0: none).", lower_bound=0, module_name=module_name)
   flags.DEFINE_float("instance_lr", None, "Its learning rate (default: registration.INSTANCE_LR: "
                      f"{registration.INSTANCE_LR}).", module_name=module_name)
+  flags.DEFINE_float("instance_lam", None, "Its smoothness weight (default: "
+                     f"registration.INSTANCE_LAM: {registration.INSTANCE_LAM}; None: the "
+                     "training's).", module_name=module_name)
   flags.DEFINE_enum("instance_target", "field", list(registration.INSTANCE_LR),
                     "What it tunes: the network's field for this pair (fast: no network pass "
                     "per step) or the network's parameters (VoxelMorph's instance-specific "
@@ -43,7 +47,8 @@ def instance_from_flags(steps: int | None = None) -> registration.InstanceOptimi
   overrides ``--instance_steps``)."""
   f = flags.FLAGS
   return registration.InstanceOptimisation(
-      f.instance_steps if steps is None else steps, f.instance_lr, f.instance_target)
+      f.instance_steps if steps is None else steps, f.instance_lr, f.instance_lam,
+      f.instance_target)
 
 
 def run_reporting_errors(command: str, run: Callable[[], None],

@@ -124,11 +124,16 @@ def refine_velocity(model: VxmDense, loss_cfg, steps: int, velocity: jax.Array,
   return _adam(grad, steps, velocity, learning_rate)
 
 
-# Adam's step size unless given, per target. "network": measured on OASIS-TRT-20 13-15 -> 1
-# (VM-2 trained at lr 1e-3, 2 mm, 10 steps): Dice 0.568 without, 0.577 at 1e-4, 0.542 at 1e-3
-# (the training lr overshoots on a single pair). "field": in voxels of the velocity's grid;
-# see README's instance-optimisation table (shipped 1 mm model).
-INSTANCE_LR = {"field": 0.1, "network": 1e-4}
+# Defaults per target (README's instance-optimisation tables; shipped 1 mm model, bf16 network,
+# 2-core AMD EPYC, 2026-11-26). "field": chosen on the validation pairs 13->14, 14->15, 15->13
+# (prepared, 1 mm; Dice before 0.615): the smoothness weight 0.25 / 0.1 / 0.05 gave 0.656 /
+# 0.660 / 0.661 after 25 steps with 0.011 / 0.045 / 0.096 % non-positive Jacobian, and 0.1 after
+# 50 steps 0.662 (0.054 %): the lowest weight that keeps folding well under 0.1 %; lr 0.2 (in
+# voxels of the velocity's grid). "network": VM-2 trained at lr 1e-3 at 2 mm, 10 steps on
+# 13-15 -> 1: 0.568 without, 0.577 at lr 1e-4, 0.542 at 1e-3 (the training lr overshoots on a
+# single pair); the training's smoothness weight.
+INSTANCE_LR = {"field": 0.2, "network": 1e-4}
+INSTANCE_LAM = {"field": 0.1, "network": None}  # None: config.loss.lam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +143,15 @@ class InstanceOptimisation:
   Attributes:
     steps: Adam steps (0: the network's field as is).
     lr: Adam's learning rate; None: ``INSTANCE_LR[target]``.
+    lam: the smoothness weight of the optimised loss; None: ``INSTANCE_LAM[target]`` (or the
+      training's ``config.loss.lam`` where that is None).
     target: ``"field"`` refines the network's velocity for this pair (:func:`refine_velocity`;
       cheap: no U-Net pass per step); ``"network"`` fine-tunes the network's parameters
       (:func:`instance_optimise`, VoxelMorph TMI'19's instance-specific optimisation).
   """
   steps: int = 0
   lr: float | None = None
+  lam: float | None = None
   target: str = "field"
 
   def __post_init__(self):
@@ -152,13 +160,24 @@ class InstanceOptimisation:
                        f"got {self.target!r}")
     if self.steps < 0:
       raise ValueError(f"instance optimisation steps must be >= 0, got {self.steps}")
+    if self.lam is not None and self.lam < 0:
+      raise ValueError(f"instance optimisation smoothness weight must be >= 0, got {self.lam}")
 
   @property
   def learning_rate(self) -> float:
     return self.lr or INSTANCE_LR[self.target]
 
-  def describe(self) -> str:
-    return (f"{self.steps} instance steps on the {self.target} (Adam, lr {self.learning_rate:g})"
+  def loss_config(self, config) -> ml_collections.FrozenConfigDict:
+    """The loss it optimises: :func:`pair_loss_config` with its smoothness weight."""
+    loss_cfg = pair_loss_config(config)
+    lam = self.lam if self.lam is not None else INSTANCE_LAM[self.target]
+    if not self.steps or lam is None:
+      return loss_cfg
+    return ml_collections.FrozenConfigDict({**loss_cfg.as_configdict().to_dict(), "lam": lam})
+
+  def describe(self, config) -> str:
+    return (f"{self.steps} instance steps on the {self.target} (Adam, lr "
+            f"{self.learning_rate:g}, smoothness weight {self.loss_config(config).lam:g})"
             if self.steps else "no instance steps")
 
 
@@ -178,7 +197,8 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
   Returns:
     dict with ``moved`` (the raw moving image warped, ``(D, H, W)``), ``disp``
     (``(D, H, W, 3)``, voxels of the full grid), ``moved_seg`` (if ``moving.seg``),
-    ``loss_before``/``loss_after`` (the training loss on this pair, at network resolution) and
+    ``loss_before``/``loss_after`` (the loss instance optimisation minimises: the training
+    loss on this pair at network resolution, with its smoothness weight) and
     ``variables`` (fine-tuned if ``instance.target == "network"``); with ``inverse`` (diffeomorphic
     models: the integral of the negated velocity) also ``inverse_disp``, the field that maps the
     fixed scan onto the moving one.
@@ -197,7 +217,7 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
   x_fixed, _ = pad_to_multiple(x_fixed, multiple)
   checks.check_pair(x_moving, x_fixed, levels=model.levels)
 
-  loss_cfg = pair_loss_config(config)
+  loss_cfg = instance.loss_config(config)
   net_grid = x_moving.shape[1:4]
   fields = _fields(model, inverse, variables, x_moving, x_fixed)
   velocity = fields["velocity"]
