@@ -219,7 +219,8 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
 
   loss_cfg = instance.loss_config(config)
   net_grid = x_moving.shape[1:4]
-  fields = _fields(model, inverse, variables, x_moving, x_fixed)
+  # The inverse of the network's own field only when nothing refines it afterwards.
+  fields = _fields(model, inverse and not instance.steps, variables, x_moving, x_fixed)
   velocity = fields["velocity"]
   result = {"loss_before": float(_field_loss(model, loss_cfg, velocity, x_moving, x_fixed))}
   if instance.steps > 0:
