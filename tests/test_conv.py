@@ -1,5 +1,6 @@
 """vmjax.conv: the oneDNN path against lax.conv_general_dilated (forward and gradients)."""
 
+import contextlib
 import functools
 
 import jax
@@ -118,6 +119,33 @@ def test_bfloat16_matches_an_f32_reference_of_the_rounded_inputs(x_shape, co, st
                                atol=3e-2 * float(jnp.max(jnp.abs(r))))
 
 
+@needs_onednn
+@pytest.mark.skipif(conv.bf16_isa() is None, reason="this CPU has no bf16 instructions")
+@pytest.mark.parametrize("x_shape,kernel,strides", [
+    ((1, 2, 2, 2, 16), 3, 1),   # a 32^3 volume's coarsest U-Net level
+    ((1, 2, 3, 4, 16), 3, 1),
+    ((1, 1, 4, 5, 16), 2, 1),   # the decoder's 2x2x2 sub-pixel kernel on a 1-voxel-deep level
+    ((1, 4, 1, 2, 16), 3, 2),   # stride-2 output of size 1
+    ((1, 5, 6, 4, 16), 3, 2),   # sizes that oneDNN's bf16 kernel handles: still checked
+])
+def test_bfloat16_weight_gradient_of_tiny_volumes(x_shape, kernel, strides):
+  """oneDNN 3.2's bf16 backward-weights kernel returns garbage for tiny volumes (see
+  conv._bf16_weight_gradient_is_safe); vmjax's gradient must still match the f32 one."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((kernel,) * 3 + (x_shape[-1], 32)), jnp.bfloat16)
+  pad, stride = ((1, 1),) * 3, (strides,) * 3
+  out_shape = conv._out_shape(x_shape, w.shape, stride, pad)
+  dy = jnp.asarray(rng.standard_normal(out_shape), jnp.bfloat16)
+  _, vjp = jax.vjp(lambda w: _fast(x, w, stride, pad), w)
+  (dw,) = jax.jit(vjp)(dy)
+  _, ref_vjp = jax.vjp(lambda w: _reference(x.astype(jnp.float32), w, stride, pad),
+                       w.astype(jnp.float32))
+  (ref,) = ref_vjp(dy.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(dw, np.float32), ref, rtol=0,
+                             atol=2e-2 * float(jnp.max(jnp.abs(ref))))
+
+
 def test_ineligible_convolutions_fall_back_to_lax():
   """Dilation, NCDHW and f16 are not routed to oneDNN and stay exact."""
   rng = np.random.default_rng(3)
@@ -210,3 +238,97 @@ def test_cache_key_names_the_onednn_version_and_the_compiler(tmp_path):
   assert conv._dnnl_version(str(tmp_path / "include")) == "3.2.7"
   assert conv._dnnl_version(str(tmp_path / "missing")) == "unknown"
   assert conv._compiler_version(str(tmp_path / "no-such-compiler")) == "unknown"
+
+
+def _upsample_concat_reference(h, skip, w, b, slope):
+  """concat(nearest x2 upsampling (numpy repeat), skip) -> lax conv (HIGHEST) + b -> leaky."""
+  up = h
+  for axis in (1, 2, 3):
+    up = jnp.repeat(up, 2, axis=axis)
+  y = _reference(jnp.concatenate([up, skip], axis=-1), w, (1, 1, 1), ((1, 1),) * 3) + b
+  return y if slope is None else jnp.where(y >= 0, y, slope * y)
+
+
+@needs_onednn
+@pytest.mark.parametrize("coarse,c1,c2,co,slope,batch", [
+    ((3, 5, 4), 4, 2, 3, 0.2, 2),   # odd coarse sizes, batch 2
+    ((2, 2, 3), 6, 5, 4, None, 1),  # no activation
+])
+def test_upsample_concat_conv_block_matches_the_direct_computation(coarse, c1, c2, co, slope,
+                                                                     batch):
+  """The coarse-grid (sub-pixel) computation of a decoder step equals upsampling, concatenating
+  and convolving at full resolution: values and gradients for every input."""
+  rng = np.random.default_rng(5)
+  fine = tuple(2 * n for n in coarse)
+  h = jnp.asarray(rng.standard_normal((batch, *coarse, c1)), jnp.float32)
+  skip = jnp.asarray(rng.standard_normal((batch, *fine, c2)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, c1 + c2, co)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(co), jnp.float32)
+  fast = jax.jit(lambda *a: conv.upsample_concat_conv_block(*a, negative_slope=slope))
+  ref = jax.jit(lambda *a: _upsample_concat_reference(*a, slope))
+  np.testing.assert_allclose(fast(h, skip, w, b), ref(h, skip, w, b), rtol=1e-5, atol=1e-4)
+  assert "vmjax_conv_subpixel" in fast.lower(h, skip, w, b).as_text()  # not a silent fallback
+  cotangent = jnp.asarray(rng.standard_normal((batch, *fine, co)), jnp.float32)
+  grads = jax.grad(lambda *a: jnp.vdot(fast(*a), cotangent), argnums=(0, 1, 2, 3))
+  ref_grads = jax.grad(lambda *a: jnp.vdot(ref(*a), cotangent), argnums=(0, 1, 2, 3))
+  for g, r in zip(jax.jit(grads)(h, skip, w, b), jax.jit(ref_grads)(h, skip, w, b)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-3)
+
+
+@needs_onednn
+@pytest.mark.skipif(conv.bf16_isa() is None, reason="this CPU has no bf16 instructions")
+def test_upsample_concat_conv_block_in_bf16_matches_an_f32_reference():
+  rng = np.random.default_rng(6)
+  h = jnp.asarray(rng.standard_normal((1, 4, 3, 5, 8)), jnp.bfloat16)
+  skip = jnp.asarray(rng.standard_normal((1, 8, 6, 10, 2)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 10, 6)) * 0.2, jnp.float32)
+  b = jnp.asarray(rng.standard_normal(6), jnp.float32)
+  out = jax.jit(lambda *a: conv.upsample_concat_conv_block(*a, negative_slope=0.2))(h, skip, w, b)
+  assert out.dtype == jnp.bfloat16
+  ref = _upsample_concat_reference(h.astype(jnp.float32), skip.astype(jnp.float32), w, b, 0.2)
+  # bf16 kernels, two bf16 partial sums: a few bf16 ulps of the output's scale.
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=0,
+                             atol=0.03 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_upsample_concat_conv_block_is_the_direct_computation_off_the_cpu(monkeypatch):
+  """On a GPU/TPU host: upsampling, concatenation and XLA's convolution (no native call)."""
+  monkeypatch.setattr(conv, "onednn_available", lambda: False)
+  monkeypatch.setattr(conv.jax, "default_backend", lambda: "gpu")
+  h, skip = jnp.ones((1, 2, 2, 2, 3)), jnp.ones((1, 4, 4, 4, 1))
+  w, b = jnp.ones((3, 3, 3, 4, 2)), jnp.zeros(2)
+  hlo = jax.jit(lambda *a: conv.upsample_concat_conv_block(*a, 0.2)).lower(h, skip, w, b)
+  assert "vmjax_conv" not in hlo.as_text()
+  with pytest.raises(ValueError, match="negative_slope"):
+    conv.upsample_concat_conv_block(h, skip, w, b, negative_slope=0.0)
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_conv_block_f32_out_is_an_f32_convolution_of_bf16_activations(use_onednn):
+  """bf16 activations, f32 kernel split into bf16 hi + lo: the f32 result of the f32
+  convolution to ~1e-5 (a bf16 kernel alone is ~1e-3 off), gradients too."""
+  if use_onednn and not (conv.onednn_available() and conv.bf16_isa()):
+    pytest.skip("needs the oneDNN kernel and bf16 instructions")
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((1, 6, 5, 7, 16)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 3)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(3), jnp.float32)
+  pad = ((1, 1),) * 3
+
+  def fast(x, w, b):
+    return conv.conv_block_f32_out(x, w, b, (1, 1, 1), pad)
+
+  def ref(x, w, b):
+    return _reference(x.astype(jnp.float32), w, (1, 1, 1), pad) + b
+
+  with (contextlib.nullcontext() if use_onednn else conv.force_xla()):
+    out = jax.jit(fast)(x, w, b)
+    hlo = jax.jit(fast).lower(x, w, b).as_text()
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(fast(x, w, b) ** 2)))(w)
+  assert out.dtype == jnp.float32
+  assert ("vmjax_conv_fwd_bf16_f32" in hlo) == use_onednn
+  expected = ref(x, w, b)
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5 * scale)
+  ref_grad = jax.grad(lambda w: jnp.sum(ref(x, w, b) ** 2))(w)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(ref_grad))))

@@ -33,25 +33,32 @@ class ConvBlock(nn.Module):
   activation: bool = True
   remat: bool = False
   dtype: Any = jnp.float32
+  out_dtype: Any = None  # float32 with a bfloat16 dtype: conv.conv_block_f32_out
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features),
-                        jnp.float32)
+  def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
+    """``x`` ``(B, D, H, W, Cin)``; with ``skip`` ``(B, 2D, 2H, 2W, Cs)`` (stride 1 only) the
+    block's input is ``concat([upsample2(x), skip])`` (``Cin + Cs`` kernel input channels),
+    computed by :func:`vmjax.conv.upsample_concat_conv_block`."""
+    cin = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+    kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-
+    slope = 0.2 if self.activation else None
+    if (self.out_dtype is not None and jnp.dtype(self.out_dtype) == jnp.float32
+        and jnp.dtype(self.dtype) == jnp.bfloat16):
+      if skip is not None:
+        raise ValueError("ConvBlock: skip with a float32 out_dtype is not supported")
+      return conv.conv_block_f32_out(x, kernel, bias, (self.stride,) * 3, ((1, 1),) * 3, slope)
+    if skip is not None:
+      if self.stride != 1:
+        raise ValueError("ConvBlock: skip needs stride 1")
+      return conv.upsample_concat_conv_block(x.astype(self.dtype), skip.astype(self.dtype),
+                                             kernel, bias, slope, self.remat)
     return conv.conv_block(x.astype(self.dtype), kernel.astype(self.dtype),
                            bias.astype(self.dtype), (self.stride,) * 3, ((1, 1),) * 3,
-                           0.2 if self.activation else None, self.remat)
-
-
-def _upsample2(x: jax.Array) -> jax.Array:
-  """Nearest-neighbour x2 upsampling of ``(B, D, H, W, C)``."""
-  for axis in (1, 2, 3):
-    x = jnp.repeat(x, 2, axis=axis)
-  return x
+                           slope, self.remat)
 
 
 class Unet(nn.Module):
@@ -82,11 +89,14 @@ class Unet(nn.Module):
       x = block(features, stride=2, name=f"enc_{i}")(x)
       skips.append(x)
     skips.pop()  # the coarsest activation feeds the decoder directly
-    for i, features in enumerate(self.dec_features[:levels]):
-      x = block(features, name=f"dec_{i}")(x)
-      x = jnp.concatenate([_upsample2(x), skips.pop().astype(x.dtype)], axis=-1)
-    for i, features in enumerate(self.dec_features[levels:]):
-      x = block(features, name=f"full_{i}")(x)
+    skip = None  # with x, the pending concat([upsample2(x), skip]): the next block fuses it
+    names = ([f"dec_{i}" for i in range(levels)]
+             + [f"full_{i}" for i in range(len(self.dec_features) - levels)])
+    for i, (name, features) in enumerate(zip(names, self.dec_features)):
+      x = block(features, name=name)(x, skip)
+      skip = skips.pop() if i < levels else None
+    if skip is not None:  # no full-resolution convs: the concatenation is the output
+      x = jnp.concatenate([conv.upsample2(x), skip.astype(x.dtype)], axis=-1)
     return x
 
 
@@ -138,9 +148,10 @@ class VxmDense(nn.Module):
     checks.check_pair(moving, fixed, levels=self.levels, check_finite=False)
     x = jnp.concatenate([moving, fixed], axis=-1).astype(self.dtype)
     x = Unet(self.enc_features, self.dec_features, self.dtype, self.remat, name="unet")(x)
-    # The field in f32 whatever ``dtype`` (sub-voxel accuracy; a 16 -> 3 conv costs little).
-    flow = ConvBlock(3, activation=False, dtype=jnp.float32, name="flow",
-                     kernel_init=nn.initializers.normal(1e-5))(x.astype(jnp.float32))
+    # The field in f32 whatever ``dtype`` (sub-voxel accuracy): f32 products and accumulation
+    # (bf16 activations times a kernel split into two bf16 parts, conv.conv_block_f32_out).
+    flow = ConvBlock(3, activation=False, dtype=self.dtype, out_dtype=jnp.float32, name="flow",
+                     kernel_init=nn.initializers.normal(1e-5))(x)
     if self.int_steps == 0:
       return self.fields_from_velocity(flow, flow.shape[1:4], bidir)
     velocity = flow

@@ -17,6 +17,7 @@
 // already uses every core through OpenMP) and share one user-managed scratchpad.
 
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -42,10 +43,11 @@ dnnl::engine& Engine() {
 
 struct Geometry {
   memory::dims x, w, y, strides, pad_lo, pad_hi;  // oneDNN order: N C D H W / O I D H W
-  dt type = dt::f32;                                // of x, w and y alike
+  dt type = dt::f32;                                // of x and w (and y unless out_type says)
+  dt out_type = dt::f32;                            // of y
   bool operator<(const Geometry& o) const {
-    return std::tie(x, w, y, strides, pad_lo, pad_hi, type) <
-           std::tie(o.x, o.w, o.y, o.strides, o.pad_lo, o.pad_hi, o.type);
+    return std::tie(x, w, y, strides, pad_lo, pad_hi, type, out_type) <
+           std::tie(o.x, o.w, o.y, o.strides, o.pad_lo, o.pad_hi, o.type, o.out_type);
   }
 };
 
@@ -73,10 +75,12 @@ ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
   g->pad_lo = {pad_lo[0], pad_lo[1], pad_lo[2]};
   g->pad_hi = {pad_hi[0], pad_hi[1], pad_hi[2]};
   g->type = type;
+  g->out_type = type;
   return ffi::Error::Success();
 }
 
-// Everything one geometry needs, built once.
+// Everything one geometry needs, built once (no backward primitives for a mixed-type forward:
+// bf16 x and w to an f32 y).
 struct Plan {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
@@ -92,7 +96,7 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g) {
   dnnl::engine& eng = Engine();
   plan->x_md = memory::desc(g.x, g.type, tag::ndhwc);
   plan->w_md = memory::desc(g.w, g.type, tag::dhwio);
-  plan->y_md = memory::desc(g.y, g.type, tag::ndhwc);
+  plan->y_md = memory::desc(g.y, g.out_type, tag::ndhwc);
   memory::desc w_any(g.w, g.type, tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -100,6 +104,7 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g) {
       eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, plan->x_md,
       w_any, plan->y_md, g.strides, g.pad_lo, g.pad_hi, attr);
   plan->fwd = dnnl::convolution_forward(plan->fwd_pd);
+  if (g.out_type != g.type) return plan;
   plan->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
       eng, dnnl::algorithm::convolution_direct, plan->x_md, w_any, plan->y_md, g.strides,
       g.pad_lo, g.pad_hi, plan->fwd_pd, attr);
@@ -146,8 +151,8 @@ memory Scratchpad(const memory::desc& md) {
   return memory(md, Engine(), buffer.data());
 }
 
-template <ffi::DataType T>
-ffi::Error ConvForward(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y,
+template <ffi::DataType T, ffi::DataType TOut = T>
+ffi::Error ConvForward(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<TOut> y,
                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
                        ffi::Span<const int64_t> pad_hi) {
   Geometry g;
@@ -155,6 +160,7 @@ ffi::Error ConvForward(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> 
                               pad_hi, OneDnnType<T>(), &g);
       !err.success())
     return err;
+  g.out_type = OneDnnType<TOut>();
   return Guard([&] {
     std::lock_guard<std::mutex> lock(ExecutionMutex());
     Plan* p = GetPlan(g);
@@ -231,6 +237,82 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultB
   });
 }
 
+float Bf16ToF32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+uint16_t F32ToBf16(float f) {  // round to nearest even, as XLA does
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float ToF32(float v) { return v; }
+float ToF32(uint16_t v) { return Bf16ToF32(v); }
+template <typename N> N FromF32(float v);
+template <> float FromF32<float>(float v) { return v; }
+template <> uint16_t FromF32<uint16_t>(float v) { return F32ToBf16(v); }
+
+// The epilogue of a convolution of nearest-x2-upsampled activations computed on the coarse grid
+// (vmjax/conv.py, upsample_concat_conv_block): z (N, n1+1, n2+1, n3+1, 8*C) holds, for each
+// parity (p1, p2, p3) of a fine voxel 2i + p, its value at coarse position i + p in channel block
+// (p1*4 + p2*2 + p3)*C; s (N, 2n1, 2n2, 2n3, C) the convolution of the skip connection, b (C).
+//   y[n, 2i+p, c] = leaky_relu(z[n, i+p, p, c] + s[n, 2i+p, c] + b[c], slope)
+// (slope 1: no activation). Computed in f32, rounded once to y's type.
+template <ffi::DataType T>
+ffi::Error SubpixelEpilogue(ffi::Buffer<T> z, ffi::Buffer<T> s, ffi::Buffer<T> b,
+                            ffi::ResultBuffer<T> y, float slope) {
+  auto zd = z.dimensions(), sd = s.dimensions(), yd = y->dimensions();
+  if (zd.size() != 5 || sd.size() != 5 || yd.size() != 5 || b.dimensions().size() != 1)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax subpixel epilogue: bad rank");
+  const int64_t n = yd[0], d = yd[1], h = yd[2], w = yd[3], c = yd[4];
+  for (int i = 0; i < 5; ++i)
+    if (sd[i] != yd[i])
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax subpixel epilogue: s != y");
+  if (d % 2 || h % 2 || w % 2 || zd[0] != n || zd[1] != d / 2 + 1 || zd[2] != h / 2 + 1 ||
+      zd[3] != w / 2 + 1 || zd[4] != 8 * c || b.dimensions()[0] != c)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax subpixel epilogue: bad shapes");
+  using N = ffi::NativeType<T>;
+  const N* zp = z.typed_data();
+  const N* sp = s.typed_data();
+  const N* bp = b.typed_data();
+  N* yp = y->typed_data();
+  std::vector<float> bias(c);
+  for (int64_t k = 0; k < c; ++k) bias[k] = ToF32(bp[k]);
+  const int64_t zh = h / 2 + 1, zw = w / 2 + 1, zd1 = d / 2 + 1;
+  std::lock_guard<std::mutex> lock(ExecutionMutex());
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b0 = 0; b0 < n; ++b0)
+    for (int64_t i1 = 0; i1 < d; ++i1) {
+      const int64_t p1 = i1 & 1, j1 = (i1 >> 1) + p1;
+      for (int64_t i2 = 0; i2 < h; ++i2) {
+        const int64_t p2 = i2 & 1, j2 = (i2 >> 1) + p2;
+        const N* srow = sp + (((b0 * d + i1) * h + i2) * w) * c;
+        N* yrow = yp + (((b0 * d + i1) * h + i2) * w) * c;
+        const N* zrow = zp + (((b0 * zd1 + j1) * zh + j2) * zw) * 8 * c + (p1 * 4 + p2 * 2) * c;
+        for (int64_t i3 = 0; i3 < w; ++i3) {
+          const int64_t p3 = i3 & 1, j3 = (i3 >> 1) + p3;
+          const N* __restrict__ zv = zrow + j3 * 8 * c + p3 * c;
+          const N* sv = srow + i3 * c;  // y may overwrite s (aliased buffers)
+          N* yv = yrow + i3 * c;
+          const float* __restrict__ bv = bias.data();
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) {
+            const float v = ToF32(zv[k]) + ToF32(sv[k]) + bv[k];
+            const float a = slope * v;  // 0 < slope <= 1: leaky_relu(v) = max(v, slope * v),
+            yv[k] = FromF32<N>(v > a ? v : a);  // branch-free (random signs mispredict)
+          }
+        }
+      }
+    }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define VMJAX_CONV_HANDLER(SYMBOL, FUNCTION, TYPE)                     \
@@ -249,3 +331,27 @@ VMJAX_CONV_HANDLER(VmjaxConvBackwardWeights, ConvBackwardWeights, F32)
 VMJAX_CONV_HANDLER(VmjaxConvForwardBf16, ConvForward, BF16)
 VMJAX_CONV_HANDLER(VmjaxConvBackwardDataBf16, ConvBackwardData, BF16)
 VMJAX_CONV_HANDLER(VmjaxConvBackwardWeightsBf16, ConvBackwardWeights, BF16)
+
+// bf16 x and w, f32 y (oneDNN accumulates in f32): a bf16 network's last conv, whose output is
+// the displacement and stays f32.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvForwardBf16F32,
+                              (ConvForward<ffi::DataType::BF16, ffi::DataType::F32>),
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+
+#define VMJAX_EPILOGUE_HANDLER(SYMBOL, TYPE)                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, SubpixelEpilogue<ffi::DataType::TYPE>,   \
+                                ffi::Ffi::Bind()                                \
+                                    .Arg<ffi::Buffer<ffi::TYPE>>()              \
+                                    .Arg<ffi::Buffer<ffi::TYPE>>()              \
+                                    .Arg<ffi::Buffer<ffi::TYPE>>()              \
+                                    .Ret<ffi::Buffer<ffi::TYPE>>()              \
+                                    .Attr<float>("slope"));
+
+VMJAX_EPILOGUE_HANDLER(VmjaxSubpixelEpilogue, F32)
+VMJAX_EPILOGUE_HANDLER(VmjaxSubpixelEpilogueBf16, BF16)
