@@ -68,6 +68,9 @@ flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants:SyN"]
                   "(ants:Affine, ants:SyN, ants:SyNCC, ants:antsRegistrationSyN[s], ...; cached "
                   "per pair in OUTDIR/cache).")
 flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
+flags.DEFINE_integer("batch", 1, "Pairs per network call for vmjax and vmjax_instance (pairs "
+                     "already on one grid; consecutive pairs of one shape are batched; seconds "
+                     "per pair = the call's time / its pairs).", lower_bound=1)
 cli.define_instance_flags(__name__, default_steps=50)
 flags.mark_flags_as_required(["outdir"])
 
@@ -181,9 +184,10 @@ def main(argv):
             else list(evaluation.VOXELMORPH_LABELS))
   methods, notes = build_methods()
   start = time.perf_counter()
-  records = evaluation.evaluate_methods(methods, pairs, labels)
+  records = evaluation.evaluate_methods(methods, pairs, labels, FLAGS.batch)
   summary = {"methods": evaluation.summarize(records), "skipped": notes,
              "labels": labels, "pairs": [[m.path, f.path] for m, f in pairs],
+             "batch": FLAGS.batch,
              "wall_seconds": time.perf_counter() - start}
   write_outputs(records, labels, summary, pairs)
   print("| method | Dice mean ± std | non-pos. Jacobian % (count) | s / pair | compile s |")

@@ -225,6 +225,40 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr):
   assert float(metrics.jacobian_determinant(out["disp"][None]).min()) > 0
 
 
+@pytest.mark.parametrize("steps", [0, 10])
+def test_a_batch_of_pairs_registers_each_pair_as_alone(steps):
+  """register_scan_pairs (one network call, one refinement for all pairs) gives every pair the
+  result it gets alone: field, moved image, labels, losses; a shape mismatch is refused."""
+  shape = (16, 16, 16)
+  config = tiny_config()
+  config.data.normalize = "none"
+  config.model.int_steps, config.model.int_downsize = 5, 2
+  model = networks.model_from_config(config.model)
+  variables = vmjax.init_variables(model, jax.random.PRNGKey(3), (8, 8, 8))
+  # A flow layer large enough that the field is far from zero.
+  variables = jax.tree_util.tree_map(lambda p: p * 3e4 if p.ndim == 5 and p.shape[-1] == 3
+                                     else p, variables)
+  volumes = [io.Volume(image=textured_volume(shape, seed=s)[0, ..., 0],
+                       seg=(textured_volume(shape, seed=s)[0, ..., 0] > 0.5).astype(np.int32),
+                       affine=np.eye(4), path=f"s{s}") for s in range(4)]
+  pairs = [(volumes[0], volumes[1]), (volumes[2], volumes[3]), (volumes[1], volumes[2])]
+  instance = registration.InstanceOptimisation(steps=steps)
+  batch = registration.register_scan_pairs(model, variables, config, pairs, instance)
+  assert len(batch) == 3
+  for (moving, fixed), out in zip(pairs, batch):
+    alone = registration.register_scans(model, variables, config, moving, fixed, instance)
+    assert float(np.abs(np.asarray(alone["disp"])).max()) > 0.1
+    np.testing.assert_allclose(out["disp"], alone["disp"], atol=2e-4)
+    np.testing.assert_allclose(out["moved"], alone["moved"], atol=2e-4)
+    assert np.mean(np.asarray(out["moved_seg"]) != np.asarray(alone["moved_seg"])) < 1e-3
+    np.testing.assert_allclose([out["loss_before"], out["loss_after"]],
+                               [alone["loss_before"], alone["loss_after"]], rtol=1e-4)
+  other = io.Volume(image=np.zeros((16, 16, 20), np.float32), seg=None, affine=np.eye(4),
+                    path="other")
+  with pytest.raises(ValueError, match="one grid shape"):
+    registration.register_scan_pairs(model, variables, config, pairs[:1] + [(other, other)])
+
+
 def test_instance_optimisation_settings_are_checked():
   with pytest.raises(ValueError, match="target must be one of"):
     registration.InstanceOptimisation(steps=3, target="weights")

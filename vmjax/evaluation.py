@@ -114,41 +114,63 @@ def identity_method(moving, fixed) -> Outcome:
                  0.0, 0.0)
 
 
-def timed_method(register: Callable) -> Callable:
+def _outcome(out: dict, seconds: float, compile_seconds: float) -> Outcome:
+  det = out.get("jacobian_det")
+  if det is None:
+    det = metrics.jacobian_determinant(out["disp"][None])[0]
+  count, fraction = folding_stats(np.asarray(det))
+  return Outcome(np.asarray(out["moved"]), np.asarray(out["moved_seg"]), np.asarray(out["disp"]),
+                 count, fraction, seconds, compile_seconds)
+
+
+def timed_method(register: Callable, register_batch: Callable | None = None) -> Callable:
   """A registration function ``register(moving, fixed) -> dict`` (``disp``, ``moved``,
   ``moved_seg``, optionally ``jacobian_det``) as a method. ``seconds`` excludes compilation: the
-  first pair of each shape runs twice, and the difference is reported as ``compile_seconds``."""
-  compiled_shapes = set()
+  first call of each shape runs twice, and the difference is reported as ``compile_seconds``.
 
-  def timed_call(moving, fixed):
-    start = time.perf_counter()
-    out = register(moving, fixed)
-    jax.block_until_ready(out["disp"])
-    return out, time.perf_counter() - start
+  With ``register_batch(pairs) -> [dict, ...]`` (pairs of one grid shape in one call) the
+  method also has ``.batch(pairs) -> [Outcome, ...]``, whose ``seconds`` are the call's time
+  divided among its pairs (:func:`evaluate_methods` with ``batch_size``)."""
+  compiled = set()
+
+  def timed(fn, key):
+    def call():
+      start = time.perf_counter()
+      out = fn()
+      jax.block_until_ready([o["disp"] for o in out])
+      return out, time.perf_counter() - start
+
+    first = None
+    if key not in compiled:
+      _, first = call()
+      compiled.add(key)
+    out, seconds = call()
+    return out, seconds, 0.0 if first is None else max(first - seconds, 0.0)
 
   def run(moving, fixed) -> Outcome:
-    first = None
-    shapes = (moving.image.shape, fixed.image.shape)
-    if shapes not in compiled_shapes:
-      _, first = timed_call(moving, fixed)
-      compiled_shapes.add(shapes)
-    out, seconds = timed_call(moving, fixed)
-    compile_seconds = 0.0 if first is None else max(first - seconds, 0.0)
-    det = out.get("jacobian_det")
-    if det is None:
-      det = metrics.jacobian_determinant(out["disp"][None])[0]
-    count, fraction = folding_stats(np.asarray(det))
-    return Outcome(np.asarray(out["moved"]), np.asarray(out["moved_seg"]),
-                   np.asarray(out["disp"]), count, fraction, seconds, compile_seconds)
+    (out,), seconds, compile_seconds = timed(lambda: [register(moving, fixed)],
+                                             (1, moving.image.shape, fixed.image.shape))
+    return _outcome(out, seconds, compile_seconds)
 
+  def batch(pairs) -> list[Outcome]:
+    key = (len(pairs), pairs[0][0].image.shape, pairs[0][1].image.shape)
+    outs, seconds, compile_seconds = timed(lambda: register_batch(pairs), key)
+    return [_outcome(out, seconds / len(pairs), compile_seconds if i == 0 else 0.0)
+            for i, out in enumerate(outs)]
+
+  if register_batch is not None:
+    run.batch = batch
   return run
 
 
 def vmjax_method(model, variables, config,
                  instance: registration.InstanceOptimisation | None = None) -> Callable:
-  """A vmjax model on pairs already aligned on one grid (:func:`registration.register_scans`)."""
-  return timed_method(lambda moving, fixed: registration.register_scans(
-      model, variables, config, moving, fixed, instance))
+  """A vmjax model on pairs already aligned on one grid (:func:`registration.register_scans`;
+  batches: :func:`registration.register_scan_pairs`)."""
+  return timed_method(
+      lambda moving, fixed: registration.register_scans(model, variables, config, moving,
+                                                        fixed, instance),
+      lambda pairs: registration.register_scan_pairs(model, variables, config, pairs, instance))
 
 
 def vmjax_pipeline_method(model, variables, config, space, deformable: bool = True,
@@ -237,21 +259,51 @@ def ants_method(type_of_transform: str = "SyN", cache_dir: str | None = None) ->
   return run
 
 
-def evaluate_methods(methods: dict, pairs, labels) -> list[dict]:
-  """Runs every method on every pair.
+def _batches(pairs, batch_size: int):
+  """Consecutive runs of at most ``batch_size`` pair indices whose grids share one shape."""
+  runs, current = [], []
+  for i, (moving, fixed) in enumerate(pairs):
+    shapes = (moving.image.shape, fixed.image.shape)
+    if current and (len(current) == batch_size or shapes != current_shapes):
+      runs.append(current)
+      current = []
+    current_shapes = shapes
+    current.append(i)
+  return runs + [current] if current else runs
+
+
+def evaluate_methods(methods: dict, pairs, labels, batch_size: int = 1) -> list[dict]:
+  """Runs every method on every pair; methods that take batches (``.batch``, e.g.
+  :func:`vmjax_method`) get up to ``batch_size`` pairs of one grid shape per call.
 
   Returns:
     one record per (method, pair): ``method``, ``pair``, ``dice`` (per label, ``(L,)``),
     ``folding_count``, ``folding_fraction``, ``seconds``, and the ``outcome``.
   """
-  records = []
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   for p, (moving, fixed) in enumerate(pairs):
     if moving.seg is None or fixed.seg is None:
       raise ValueError(f"pair {p} ({moving.path} -> {fixed.path}) has no labels to evaluate")
+  batched = {}  # method -> {pair: Outcome}, computed batch by batch up front
+  for name, method in methods.items():
+    if batch_size > 1 and hasattr(method, "batch"):
+      batched[name] = {}
+      for run in _batches(pairs, batch_size):
+        outcomes = method.batch([pairs[i] for i in run])
+        logging.info("pairs %s %s: %s in one batch, %.1f s per pair (+ %.1f s compile)",
+                     ",".join(str(i + 1) for i in run), name, len(run), outcomes[0].seconds,
+                     outcomes[0].compile_seconds)
+        batched[name].update(zip(run, outcomes))
+  records = []
+  for p, (moving, fixed) in enumerate(pairs):
     for name, method in methods.items():
-      outcome = method(moving, fixed)
-      logging.info("pair %d/%d %s: %s %.1f s (+ %.1f s compile)", p + 1, len(pairs),
-                   scan_name(moving.path), name, outcome.seconds, outcome.compile_seconds)
+      if name in batched:
+        outcome = batched[name][p]
+      else:
+        outcome = method(moving, fixed)
+        logging.info("pair %d/%d %s: %s %.1f s (+ %.1f s compile)", p + 1, len(pairs),
+                     scan_name(moving.path), name, outcome.seconds, outcome.compile_seconds)
       records.append({"method": name, "pair": p, "moving": moving.path, "fixed": fixed.path,
                       "dice": dice_per_label(outcome.moved_seg, fixed.seg, labels),
                       "folding_count": outcome.folding_count,

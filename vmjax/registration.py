@@ -90,6 +90,14 @@ def _field_loss(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Arra
   return losses.field_loss(fields, moving, fixed, loss_cfg)[0]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _pair_field_losses(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Array,
+                       fixed: jax.Array):
+  """:func:`_field_loss` of each pair of a batch, ``(B,)``."""
+  return jax.vmap(lambda v, m, f: _field_loss(model, loss_cfg, v[None], m[None], f[None]))(
+      velocity, moving, fixed)
+
+
 def _adam(grad: Callable, steps: int, x, learning_rate: float):
   """``steps`` Adam steps from ``x`` (any pytree) along ``grad(x)``; returns the last ``x``."""
   tx = optax.adam(learning_rate)
@@ -119,8 +127,10 @@ def refine_velocity(model: VxmDense, loss_cfg, steps: int, velocity: jax.Array,
   resolution in diffeomorphic models) for this one pair, with the training loss (the same image
   and smoothness terms, the same integration: the field stays diffeomorphic). The network only
   initialises it; each step costs a warp and the loss, not a pass through the U-Net.
-  Returns the refined velocity."""
-  grad = jax.grad(lambda v: _field_loss(model, loss_cfg, v, moving, fixed))
+  A batch of pairs is refined as each pair alone would be (the sum of their losses: each pair's
+  velocity sees its own loss's gradient). Returns the refined velocity."""
+  batch = velocity.shape[0]
+  grad = jax.grad(lambda v: batch * _field_loss(model, loss_cfg, v, moving, fixed))
   return _adam(grad, steps, velocity, learning_rate)
 
 
@@ -190,6 +200,7 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
   (after downsampling) resized to the full grid, so outputs live on the fixed scan's grid.
   ``instance.steps > 0`` then optimises this pair's training loss (:class:`InstanceOptimisation`:
   the network's field or its parameters; None: none). Compiled pieces are cached per shape.
+  :func:`register_scan_pairs` does the same for several pairs in one batch.
 
   Args:
     moving, fixed: :class:`vmjax.io.Volume` on the same voxel grid.
@@ -203,18 +214,37 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
     models: the integral of the negated velocity) also ``inverse_disp``, the field that maps the
     fixed scan onto the moving one.
   """
+  return register_scan_pairs(model, variables, config, [(moving, fixed)], instance, inverse)[0]
+
+
+def register_scan_pairs(model: VxmDense, variables, config, pairs,
+                        instance: InstanceOptimisation | None = None,
+                        inverse: bool = False) -> list[dict]:
+  """:func:`register_scans` of several ``(moving, fixed)`` pairs, all on grids of one shape, as
+  one batch: one network call and one field refinement for all of them (each pair's result is
+  the one it gets alone, up to rounding). Fine-tuning the network (``instance.target ==
+  "network"``) is per pair: those pairs run one at a time. Returns one dict per pair."""
   if inverse and model.int_steps == 0:
     raise ValueError("an inverse field needs a diffeomorphic model (config.model.int_steps > 0)")
-  if moving.image.shape != fixed.image.shape:
-    raise ValueError(f"moving {moving.path} {moving.image.shape} and fixed {fixed.path} "
-                     f"{fixed.image.shape} are on different voxel grids; resample the moving "
-                     "scan onto the fixed grid (e.g. after affine alignment) first")
   instance = instance or InstanceOptimisation()
+  if not pairs:
+    return []
+  if instance.steps > 0 and instance.target == "network" and len(pairs) > 1:
+    return [register_scan_pairs(model, variables, config, [pair], instance, inverse)[0]
+            for pair in pairs]
+  for moving, fixed in pairs:
+    if moving.image.shape != fixed.image.shape:
+      raise ValueError(f"moving {moving.path} {moving.image.shape} and fixed {fixed.path} "
+                       f"{fixed.image.shape} are on different voxel grids; resample the moving "
+                       "scan onto the fixed grid (e.g. after affine alignment) first")
+    if moving.image.shape != pairs[0][0].image.shape:
+      raise ValueError(f"a batch of pairs shares one grid shape: {moving.path} is "
+                       f"{moving.image.shape}, {pairs[0][0].path} {pairs[0][0].image.shape}")
   multiple = 2 ** model.levels
-  x_moving, net_shape = _network_input(moving, config)
-  x_fixed, _ = _network_input(fixed, config)
-  x_moving, _ = pad_to_multiple(x_moving, multiple)
-  x_fixed, _ = pad_to_multiple(x_fixed, multiple)
+  inputs = [[_network_input(scan, config) for scan in pair] for pair in pairs]
+  net_shape = inputs[0][0][1]
+  x_moving, _ = pad_to_multiple(jnp.concatenate([m for (m, _), _ in inputs]), multiple)
+  x_fixed, _ = pad_to_multiple(jnp.concatenate([f for _, (f, _) in inputs]), multiple)
   checks.check_pair(x_moving, x_fixed, levels=model.levels)
 
   loss_cfg = instance.loss_config(config)
@@ -222,7 +252,8 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
   # The inverse of the network's own field only when nothing refines it afterwards.
   fields = _fields(model, inverse and not instance.steps, variables, x_moving, x_fixed)
   velocity = fields["velocity"]
-  result = {"loss_before": float(_field_loss(model, loss_cfg, velocity, x_moving, x_fixed))}
+  loss_before = _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed)
+  loss_after = loss_before
   if instance.steps > 0:
     lr = instance.learning_rate
     if instance.target == "field":
@@ -235,27 +266,30 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
       variables = {**variables, "params": params}
       fields = _fields(model, inverse, variables, x_moving, x_fixed)
       velocity = fields["velocity"]
-    result["loss_after"] = float(_field_loss(model, loss_cfg, velocity, x_moving, x_fixed))
-  else:
-    result["loss_after"] = result["loss_before"]
-  result["variables"] = variables
+    loss_after = _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed)
 
-  def to_full_grid(field):
+  def to_full_grid(field, full_shape):
     """The network's field cropped back and, after downsampling, resized to the full grid."""
     field = field[:, :net_shape[0], :net_shape[1], :net_shape[2]]
     factor = config.data.downsample
     if factor > 1:
       field = transforms.resize_field(field, tuple(n * factor for n in net_shape))
-      pads = [(0, 0)] + [(0, f - n) for f, n in zip(moving.image.shape, field.shape[1:4])]
+      pads = [(0, 0)] + [(0, f - n) for f, n in zip(full_shape, field.shape[1:4])]
       field = jnp.pad(field, pads + [(0, 0)], mode="edge")
     return field
 
-  disp = to_full_grid(fields["disp"])
-  result["disp"] = disp[0]
-  if inverse:
-    result["inverse_disp"] = to_full_grid(fields["inverse"])[0]
-  result.update(warp_volume(moving, disp[0]))
-  return result
+  full_shape = pairs[0][0].image.shape
+  disp = to_full_grid(fields["disp"], full_shape)
+  inverse_disp = to_full_grid(fields["inverse"], full_shape) if inverse else None
+  results = []
+  for i, (moving, _) in enumerate(pairs):
+    result = {"loss_before": float(loss_before[i]), "loss_after": float(loss_after[i]),
+              "variables": variables, "disp": disp[i]}
+    if inverse:
+      result["inverse_disp"] = inverse_disp[i]
+    result.update(warp_volume(moving, disp[i]))
+    results.append(result)
+  return results
 
 
 def warp_volume(volume, disp: jax.Array) -> dict:
