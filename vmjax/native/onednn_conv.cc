@@ -284,32 +284,43 @@ ffi::Error SubpixelEpilogue(ffi::Buffer<T> z, ffi::Buffer<T> s, ffi::Buffer<T> b
   N* yp = y->typed_data();
   std::vector<float> bias(c);
   for (int64_t k = 0; k < c; ++k) bias[k] = ToF32(bp[k]);
-  const int64_t zh = h / 2 + 1, zw = w / 2 + 1, zd1 = d / 2 + 1;
+  const int64_t n1 = d / 2, n2 = h / 2, n3 = w / 2;
   std::lock_guard<std::mutex> lock(ExecutionMutex());
+  // Coarse-major: z is read once, in order, and each coarse voxel writes its (up to) 8 fine
+  // voxels, 2j - p per axis. 4x faster than a fine-major loop, whose reads of z stride over 4
+  // passes (160x192x224, 32 channels, bf16: 0.16 s against 0.6 s standalone, 2-core AMD EPYC;
+  // 0.10 s inside VM-2 bf16 register, against 0.5 s). Every fine
+  // voxel has exactly one (j, p): threads write disjoint rows.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b0 = 0; b0 < n; ++b0)
-    for (int64_t i1 = 0; i1 < d; ++i1) {
-      const int64_t p1 = i1 & 1, j1 = (i1 >> 1) + p1;
-      for (int64_t i2 = 0; i2 < h; ++i2) {
-        const int64_t p2 = i2 & 1, j2 = (i2 >> 1) + p2;
-        const N* srow = sp + (((b0 * d + i1) * h + i2) * w) * c;
-        N* yrow = yp + (((b0 * d + i1) * h + i2) * w) * c;
-        const N* zrow = zp + (((b0 * zd1 + j1) * zh + j2) * zw) * 8 * c + (p1 * 4 + p2 * 2) * c;
-        for (int64_t i3 = 0; i3 < w; ++i3) {
-          const int64_t p3 = i3 & 1, j3 = (i3 >> 1) + p3;
-          const N* __restrict__ zv = zrow + j3 * 8 * c + p3 * c;
-          const N* sv = srow + i3 * c;  // y may overwrite s (aliased buffers)
-          N* yv = yrow + i3 * c;
-          const float* __restrict__ bv = bias.data();
+    for (int64_t j1 = 0; j1 <= n1; ++j1)
+      for (int64_t j2 = 0; j2 <= n2; ++j2)
+        for (int64_t j3 = 0; j3 <= n3; ++j3) {
+          const N* zvox = zp + (((b0 * (n1 + 1) + j1) * (n2 + 1) + j2) * (n3 + 1) + j3) * 8 * c;
+          for (int64_t p1 = 0; p1 < 2; ++p1) {
+            const int64_t i1 = 2 * j1 - p1;
+            if (i1 < 0 || i1 >= d) continue;
+            for (int64_t p2 = 0; p2 < 2; ++p2) {
+              const int64_t i2 = 2 * j2 - p2;
+              if (i2 < 0 || i2 >= h) continue;
+              for (int64_t p3 = 0; p3 < 2; ++p3) {
+                const int64_t i3 = 2 * j3 - p3;
+                if (i3 < 0 || i3 >= w) continue;
+                const int64_t offset = (((b0 * d + i1) * h + i2) * w + i3) * c;
+                const N* __restrict__ zv = zvox + (p1 * 4 + p2 * 2 + p3) * c;
+                const N* sv = sp + offset;  // y may overwrite s (aliased buffers)
+                N* yv = yp + offset;
+                const float* __restrict__ bv = bias.data();
 #pragma omp simd
-          for (int64_t k = 0; k < c; ++k) {
-            const float v = ToF32(zv[k]) + ToF32(sv[k]) + bv[k];
-            const float a = slope * v;  // 0 < slope <= 1: leaky_relu(v) = max(v, slope * v),
-            yv[k] = FromF32<N>(v > a ? v : a);  // branch-free (random signs mispredict)
+                for (int64_t k = 0; k < c; ++k) {
+                  const float v = ToF32(zv[k]) + ToF32(sv[k]) + bv[k];
+                  const float a = slope * v;  // 0 < slope <= 1: leaky_relu(v) = max(v, slope v),
+                  yv[k] = FromF32<N>(v > a ? v : a);  // branch-free (random signs mispredict)
+                }
+              }
+            }
           }
         }
-      }
-    }
   return ffi::Error::Success();
 }
 
