@@ -288,9 +288,9 @@ ffi::Error SubpixelEpilogue(ffi::Buffer<T> z, ffi::Buffer<T> s, ffi::Buffer<T> b
   std::lock_guard<std::mutex> lock(ExecutionMutex());
   // Coarse-major: z is read once, in order, and each coarse voxel writes its (up to) 8 fine
   // voxels, 2j - p per axis. 4x faster than a fine-major loop, whose reads of z stride over 4
-  // passes (160x192x224, 32 channels, bf16: 0.16 s against 0.6 s standalone, 2-core AMD EPYC;
-  // 0.10 s inside VM-2 bf16 register, against 0.5 s). Every fine
-  // voxel has exactly one (j, p): threads write disjoint rows.
+  // passes (160x192x224, 32 channels, bf16, 2-core AMD EPYC: 0.16 s against 0.6 s standalone;
+  // 0.10 s in a profile of VM-2's bf16 register). Every fine voxel has exactly one (j, p):
+  // threads write disjoint rows.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b0 = 0; b0 < n; ++b0)
     for (int64_t j1 = 0; j1 <= n1; ++j1)
