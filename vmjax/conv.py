@@ -8,7 +8,10 @@ to a oneDNN custom call on CPU and to XLA's convolution on every other platform
 backward-data / backward-weights kernels via ``jax.custom_vjp``. float32 and bfloat16 (inputs,
 kernel and output of one type; oneDNN accumulates in f32): bf16 runs oneDNN's AMX /
 AVX512-BF16 kernels where the CPU has those instructions (:func:`bf16_isa`); elsewhere a bf16
-convolution is computed by the f32 kernel and rounded to bf16 (said once in the log).
+convolution is computed by the f32 kernel and rounded to bf16 (said once in the log). Also
+on this path: bf16 inputs to an f32 output (``preferred_element_type``; the last conv of a bf16
+network, :func:`conv_block_f32_out`) and the U-Net's decoder steps computed on the coarse grid
+(:func:`upsample_concat_conv_block`).
 
 The oneDNN kernel (``vmjax/native/onednn_conv.cc``) is compiled with the system C++ compiler on
 first use against the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (requirements.txt)

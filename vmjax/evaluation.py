@@ -9,6 +9,7 @@ Methods share one interface, ``method(moving, fixed) -> Outcome``, on
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import tempfile
@@ -261,15 +262,12 @@ def ants_method(type_of_transform: str = "SyN", cache_dir: str | None = None) ->
 
 def _batches(pairs, batch_size: int):
   """Consecutive runs of at most ``batch_size`` pair indices whose grids share one shape."""
-  runs, current = [], []
-  for i, (moving, fixed) in enumerate(pairs):
-    shapes = (moving.image.shape, fixed.image.shape)
-    if current and (len(current) == batch_size or shapes != current_shapes):
-      runs.append(current)
-      current = []
-    current_shapes = shapes
-    current.append(i)
-  return runs + [current] if current else runs
+  runs = []
+  for _, group in itertools.groupby(
+      range(len(pairs)), key=lambda i: (pairs[i][0].image.shape, pairs[i][1].image.shape)):
+    group = list(group)
+    runs += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+  return runs
 
 
 def evaluate_methods(methods: dict, pairs, labels, batch_size: int = 1) -> list[dict]:

@@ -268,7 +268,9 @@ def register_scan_pairs(model: VxmDense, variables, config, pairs,
       velocity = fields["velocity"]
     loss_after = _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed)
 
-  def to_full_grid(field, full_shape):
+  full_shape = pairs[0][0].image.shape
+
+  def to_full_grid(field):
     """The network's field cropped back and, after downsampling, resized to the full grid."""
     field = field[:, :net_shape[0], :net_shape[1], :net_shape[2]]
     factor = config.data.downsample
@@ -278,9 +280,8 @@ def register_scan_pairs(model: VxmDense, variables, config, pairs,
       field = jnp.pad(field, pads + [(0, 0)], mode="edge")
     return field
 
-  full_shape = pairs[0][0].image.shape
-  disp = to_full_grid(fields["disp"], full_shape)
-  inverse_disp = to_full_grid(fields["inverse"], full_shape) if inverse else None
+  disp = to_full_grid(fields["disp"])
+  inverse_disp = to_full_grid(fields["inverse"]) if inverse else None
   results = []
   for i, (moving, _) in enumerate(pairs):
     result = {"loss_before": float(loss_before[i]), "loss_after": float(loss_after[i]),

@@ -9,8 +9,9 @@
 // Each handler exists for f32 and for bf16 (x, w, y all of that type; oneDNN accumulates in f32;
 // AVX512-BF16 / AMX kernels where the CPU has them: vmjax/conv.py sends bf16 here only then).
 //
-// Three handlers: forward (y = x * w), backward data (dx from dy) and backward weights (dw from
-// x, dy). oneDNN picks the kernel (brgemm/AMX on Sapphire Rapids) and the weights' internal
+// Three convolution handlers: forward (y = x * w), backward data (dx from dy) and backward
+// weights (dw from x, dy); plus a bf16 forward with an f32 y (a bf16 network's last conv) and
+// SubpixelEpilogue, the native pass of vmjax/conv.py's coarse-grid decoder step. oneDNN picks the kernel (brgemm/AMX on Sapphire Rapids) and the weights' internal
 // layout; weights are reordered from/to dhwio on each call (tiny next to the convolution).
 // Primitives are cached per shape so a training loop builds each one once. XLA may run
 // independent custom calls on several threads at once: executions are serialised (each one
@@ -237,26 +238,23 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultB
   });
 }
 
-float Bf16ToF32(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
+float ToF32(float v) { return v; }
+float ToF32(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
 
-uint16_t F32ToBf16(float f) {  // round to nearest even, as XLA does
+template <typename N> N FromF32(float v);
+template <> float FromF32<float>(float v) { return v; }
+template <> uint16_t FromF32<uint16_t>(float f) {  // bf16, round to nearest even as XLA does
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
 }
-
-float ToF32(float v) { return v; }
-float ToF32(uint16_t v) { return Bf16ToF32(v); }
-template <typename N> N FromF32(float v);
-template <> float FromF32<float>(float v) { return v; }
-template <> uint16_t FromF32<uint16_t>(float v) { return F32ToBf16(v); }
 
 // The epilogue of a convolution of nearest-x2-upsampled activations computed on the coarse grid
 // (vmjax/conv.py, upsample_concat_conv_block): z (N, n1+1, n2+1, n3+1, 8*C) holds, for each
