@@ -199,11 +199,14 @@ def test_native_scans_register_with_the_shipped_model(shared_data, tmp_path):
   assert np.median(np.linalg.norm(back - p, axis=1)) < 1.0  # mm; nearest-voxel lookup
 
 
-@pytest.mark.parametrize("target,lr", [("field", None), ("network", 3e-3)])
-def test_instance_optimisation_recovers_a_known_deformation(target, lr):
+@pytest.mark.parametrize("target,lr,coarse,steps", [
+    ("field", None, (), 150), ("network", 3e-3, (), 150),
+    ("field", None, ((4, 60), (2, 60)), 30)])
+def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, steps):
   """The fixed scan is the moving one warped by a known smooth field; starting from a network
   that predicts no motion, instance optimisation must move most of the way to that field, lower
-  the pair's loss and keep the (diffeomorphic) field free of folds."""
+  the pair's loss and keep the (diffeomorphic) field free of folds: at full resolution, and
+  coarse to fine (most steps on images pooled 4x and 2x, the correction integrated there)."""
   shape = (32, 32, 32)
   config = tiny_config()
   config.data.normalize = "none"
@@ -216,7 +219,8 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr):
   fixed_image = np.asarray(vmjax.warp(jnp.asarray(image), jnp.asarray(truth)))[0, ..., 0]
   moving = io.Volume(image=image[0, ..., 0], seg=None, affine=np.eye(4), path="m")
   fixed = io.Volume(image=fixed_image, seg=None, affine=np.eye(4), path="f")
-  instance = registration.InstanceOptimisation(steps=150, lr=lr, target=target)
+  instance = registration.InstanceOptimisation(steps=steps, lr=lr, target=target,
+                                               coarse=coarse)
   out = registration.register_scans(model, variables, config, moving, fixed, instance)
   inner = (slice(4, -4),) * 3  # away from the border, where the image leaves the volume
   error = np.abs(np.asarray(out["disp"]) - truth[0])[inner].mean()
@@ -275,3 +279,10 @@ def test_instance_optimisation_settings_are_checked():
   assert lam(steps=5, lam=0.3) == 0.3
   assert lam(steps=5, target="network") == 0.7  # the training's weight
   assert lam(steps=0) == 0.7  # no optimisation: the loss reported is the training's
+  assert lam(steps=0, coarse=((2, 5),)) == registration.INSTANCE_LAM["field"]
+  with pytest.raises(ValueError, match="power-of-two"):
+    registration.InstanceOptimisation(steps=1, coarse=((3, 5),))
+  with pytest.raises(ValueError, match="not the network"):
+    registration.InstanceOptimisation(steps=1, coarse=((2, 5),), target="network")
+  schedule = registration.InstanceOptimisation(steps=4, coarse=((4, 2), (2, 0))).schedule
+  assert schedule == ((4, 2), (1, 4))

@@ -73,11 +73,9 @@ def _ncc(a: jax.Array, b: jax.Array) -> jax.Array:
 def resample(image: jax.Array, voxel_to_voxel: jax.Array, shape) -> jax.Array:
   """``image`` sampled (trilinear, 0 outside) at ``voxel_to_voxel · x`` for every voxel ``x``
   of a grid of ``shape``: ``(D, H, W)`` -> ``shape``."""
-  grid = transforms.identity_grid(shape).reshape(-1, 3).T
-  coords = voxel_to_voxel[:3, :3] @ grid + voxel_to_voxel[:3, 3:4]
-  out = jax.scipy.ndimage.map_coordinates(image, list(coords), order=1, mode="constant",
-                                          cval=0.0)
-  return out.reshape(shape)
+  grid = transforms.identity_grid(shape)
+  coords = jnp.einsum("ij,...j->...i", voxel_to_voxel[:3, :3], grid) + voxel_to_voxel[:3, 3]
+  return transforms.sample(image[None, ..., None], coords[None], mode="constant")[0, ..., 0]
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))

@@ -15,6 +15,7 @@ import numpy as np
 
 from vmjax.atomic import atomic_path
 from vmjax.io import Volume
+from vmjax.io import save_nifti
 
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 
@@ -35,4 +36,4 @@ def save_ants_warp(path: str, disp: np.ndarray, fixed: Volume, moving: Volume) -
   img.header.set_intent("vector")
   img.header.set_xyzt_units("mm")
   with atomic_path(path) as tmp:
-    nib.save(img, tmp)
+    save_nifti(img, tmp)

@@ -127,22 +127,32 @@ def bf16_isa() -> str | None:
   return None
 
 
-def _build() -> str:
-  """Compiles the kernel once per (source, jax, oneDNN) and returns the shared library's path."""
+def build_library(source: str = _SOURCE, link_onednn: bool = True,
+                  extra_flags: tuple = ()) -> str:
+  """Compiles a native source once per (source, jax, oneDNN, compiler, flags) and returns the
+  shared library's path (cached under ``$VMJAX_CACHE/native``). ``link_onednn=False``: a kernel
+  that needs only XLA's FFI headers and OpenMP (:mod:`vmjax.kernels`). ``extra_flags`` (e.g.
+  ``-march=native``) are part of the cache key, and so is this CPU's instruction set when they
+  tune for it (a cache shared by several machines never hands one another's build)."""
   if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
-    raise OSError(f"the oneDNN kernel is built for x86-64 Linux only, not {platform.machine()}")
-  include, libdir = _find_dnnl()
-  with open(_SOURCE, "rb") as f:
-    source = f.read()
+    raise OSError(f"vmjax's native kernels are built for x86-64 Linux only, not "
+                  f"{platform.machine()}")
+  include, libdir = _find_dnnl() if link_onednn else ("", "")
+  with open(source, "rb") as f:
+    text = f.read()
   cxx = os.environ.get("CXX", "g++")
-  key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), libdir.encode(),
-                                    _dnnl_version(include).encode(),
+  key = hashlib.sha256(b"\0".join([text, jax.__version__.encode(), libdir.encode(),
+                                    (_dnnl_version(include) if link_onednn else "").encode(),
                                     _compiler_version(cxx).encode(),
-                                    " ".join(_CXXFLAGS).encode()])).hexdigest()[:16]
+                                    " ".join(_CXXFLAGS + tuple(extra_flags)).encode(),
+                                    (_cpuinfo("flags") or "").encode()
+                                    if "-march=native" in extra_flags else b""]
+                                   )).hexdigest()[:16]
   cache = os.path.join(os.environ.get("VMJAX_CACHE", os.path.expanduser("~/.cache/vmjax")),
                        "native")
   os.makedirs(cache, exist_ok=True)
-  library = os.path.join(cache, f"libvmjax_onednn_{key}.so")
+  stem = os.path.splitext(os.path.basename(source))[0]
+  library = os.path.join(cache, f"libvmjax_{stem}_{key}.so")
   if os.path.exists(library):
     return library
   with open(os.path.join(cache, ".lock"), "w") as lock:
@@ -150,16 +160,21 @@ def _build() -> str:
     if os.path.exists(library):
       return library
     with atomic_path(library) as tmp:  # a half-written library is never picked up
-      cmd = [cxx, *_CXXFLAGS, _SOURCE, "-o", tmp,
-             f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{libdir}", "-ldnnl",
-             f"-Wl,-rpath,{libdir}"]
+      cmd = [cxx, *_CXXFLAGS, *extra_flags, source, "-o", tmp, f"-I{jax.ffi.include_dir()}"]
+      if link_onednn:
+        cmd += [f"-I{include}", f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}"]
       try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
       except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        raise OSError(f"building the oneDNN kernel failed ({' '.join(cmd)}): "
+        raise OSError(f"building the native kernel {stem} failed ({' '.join(cmd)}): "
                       f"{detail[-2000:]}") from e
   return library
+
+
+def _build() -> str:
+  """The oneDNN convolution kernel's library (built on first use)."""
+  return build_library(_SOURCE, link_onednn=True)
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vmjax import kernels
 from vmjax import transforms
 
 
@@ -32,6 +33,14 @@ def box_sum(x: jax.Array, window: int) -> jax.Array:
   Returns:
     ``(B, D, H, W, C)``.
   """
+  if kernels.usable(x):
+    return kernels.on_cpu(functools.partial(kernels.box_sum, window=window),
+                          functools.partial(box_sum_xla, window=window), x)
+  return box_sum_xla(x, window)
+
+
+def box_sum_xla(x: jax.Array, window: int) -> jax.Array:
+  """:func:`box_sum` in XLA (every platform; the native kernel's reference)."""
   half = window // 2
   for axis in (1, 2, 3):
     dims = [1] * 5

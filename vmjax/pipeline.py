@@ -22,6 +22,7 @@ import numpy as np
 from vmjax import affine as affine_lib
 from vmjax import metrics
 from vmjax import registration
+from vmjax import stages
 from vmjax import transforms
 from vmjax.checks import DataError
 from vmjax.io import Volume
@@ -55,10 +56,7 @@ def compose_on_fixed_grid(fixed: Volume, moving: Volume, space: ModelSpace, a_fi
   t = voxel_map(fixed.image.shape, to_model)
   if disp is not None:
     # d(t): the network's field sampled at t, edge values outside the model's grid.
-    d = jnp.stack([jax.scipy.ndimage.map_coordinates(disp[..., c], list(jnp.moveaxis(t, -1, 0)),
-                                                     order=1, mode="nearest")
-                   for c in range(3)], axis=-1)
-    t = t + d
+    t = t + transforms.sample(disp[None], t[None], mode="nearest")[0]
   to_moving = jnp.asarray(np.linalg.inv(moving.affine) @ a_moving @ space.affine, jnp.float32)
   y = jnp.einsum("ij,...j->...i", to_moving[:3, :3], t) + to_moving[:3, 3]
   return y - transforms.identity_grid(fixed.image.shape)
@@ -75,7 +73,8 @@ def world_jacobian(u: jax.Array, fixed: Volume, moving: Volume) -> jax.Array:
 def register_pair(model, variables, config, moving: Volume, fixed: Volume,
                   space: ModelSpace | None = None, affine: str = "affine",
                   instance: registration.InstanceOptimisation | None = None,
-                  deformable: bool = True, inverse: bool = False) -> dict:
+                  deformable: bool = True, inverse: bool = False,
+                  diagnostics: bool = True) -> dict:
   """Registers ``moving`` to ``fixed``, each on its own grid, through the model's space.
 
   Args:
@@ -88,6 +87,8 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
     deformable: False stops after the affine step (its result alone, no network).
     inverse: also ``inverse_disp`` (diffeomorphic models): the same map backwards, as a field on
       the moving grid (fixed voxel = y + inverse_disp(y)).
+    diagnostics: also ``affine_moved_seg`` and ``jacobian_det`` (for evaluation; a command that
+      writes neither computes neither).
 
   Returns:
     dict with ``disp`` (``(D, H, W, 3)`` on the fixed grid, moving voxel = x + disp),
@@ -105,27 +106,36 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
     out = registration.register_scans(model, variables, config, moving, fixed, instance,
                                       inverse)
     out["world"] = np.eye(4)
-    out["affine_moved_seg"] = moving.seg
-    out["jacobian_det"] = world_jacobian(out["disp"], fixed, moving)
+    if diagnostics:
+      out["affine_moved_seg"] = moving.seg
+      out["jacobian_det"] = world_jacobian(out["disp"], fixed, moving)
     return out
   if affine != "affine":
     raise ValueError(f"affine must be 'affine' or 'none', got {affine!r}")
   if space is None:
     raise ValueError("affine='affine' needs the model's space (vmjax.pretrained.space(...))")
-  a_moving = affine_lib.affine_register(moving, space.template)
-  a_fixed = affine_lib.affine_register(fixed, space.template)
+  with stages.stage("affine: moving to template"):
+    a_moving = affine_lib.affine_register(moving, space.template)
+  with stages.stage("affine: fixed to template"):
+    a_fixed = affine_lib.affine_register(fixed, space.template)
   result = {"world": a_moving @ np.linalg.inv(a_fixed)}
-  u_affine = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, None)
-  if moving.seg is not None:
+  u_affine = None
+  if diagnostics or not deformable:
+    u_affine = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, None)
+  if diagnostics and moving.seg is not None:
     result["affine_moved_seg"] = registration.warp_volume(moving, u_affine)["moved_seg"]
   if deformable:
-    in_space = [affine_lib.resample_volume(v, a, space.affine, space.shape)
-                for v, a in ((moving, a_moving), (fixed, a_fixed))]
-    out = registration.register_scans(model, variables, config, *in_space, instance, inverse)
-    u = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, out["disp"])
-    if inverse:  # the same composition with the roles of the scans swapped
-      result["inverse_disp"] = compose_on_fixed_grid(moving, fixed, space, a_moving, a_fixed,
-                                                     out["inverse_disp"])
+    with stages.stage("resample both to the model grid"):
+      in_space = stages.sync([affine_lib.resample_volume(v, a, space.affine, space.shape)
+                              for v, a in ((moving, a_moving), (fixed, a_fixed))])
+    out = registration.register_scans(model, variables, config, *in_space, instance, inverse,
+                                      warp=False)
+    with stages.stage("compose onto the fixed grid"):
+      u = stages.sync(compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving,
+                                            out["disp"]))
+      if inverse:  # the same composition with the roles of the scans swapped
+        result["inverse_disp"] = stages.sync(compose_on_fixed_grid(
+            moving, fixed, space, a_moving, a_fixed, out["inverse_disp"]))
     result.update(loss_before=out["loss_before"], loss_after=out["loss_after"],
                   variables=out["variables"])
   else:
@@ -133,6 +143,9 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
     if inverse:
       result["inverse_disp"] = compose_on_fixed_grid(moving, fixed, space, a_moving, a_fixed,
                                                      None)
-  result.update(disp=u, jacobian_det=world_jacobian(u, fixed, moving),
-                **registration.warp_volume(moving, u))
+  result["disp"] = u
+  if diagnostics:
+    result["jacobian_det"] = world_jacobian(u, fixed, moving)
+  with stages.stage("warp the moving scan (and labels)"):
+    result.update(stages.sync(registration.warp_volume(moving, u)))
   return result

@@ -16,6 +16,7 @@ import optax
 from vmjax import checks
 from vmjax import data
 from vmjax import losses
+from vmjax import stages
 from vmjax import transforms
 from vmjax.networks import VxmDense
 
@@ -119,19 +120,64 @@ def instance_optimise(model: VxmDense, loss_cfg, steps: int, params, moving: jax
   return _adam(grad, steps, params, learning_rate)
 
 
+def pool(x: jax.Array, factor: int) -> jax.Array:
+  """Average of ``factor``^3 blocks of ``(B, D, H, W, C)`` (spatial sizes divisible by it)."""
+  if factor == 1:
+    return x
+  b, d, h, w, c = x.shape
+  return x.reshape(b, d // factor, factor, h // factor, factor, w // factor, factor,
+                   c).mean(axis=(2, 4, 6))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def refine_velocity(model: VxmDense, loss_cfg, steps: int, velocity: jax.Array,
+def refine_velocity(model: VxmDense, loss_cfg, schedule, velocity: jax.Array,
                     moving: jax.Array, fixed: jax.Array, learning_rate: float):
-  """Instance optimisation of the field: ``steps`` Adam steps on the network's output
+  """Instance optimisation of the field, coarse to fine: Adam on the network's output
   ``velocity`` (``(B, d, h, w, 3)``, the field before integration, at ``1/int_downsize``
   resolution in diffeomorphic models) for this one pair, with the training loss (the same image
   and smoothness terms, the same integration: the field stays diffeomorphic). The network only
   initialises it; each step costs a warp and the loss, not a pass through the U-Net.
+
+  ``schedule``: ``((factor, steps), ...)``, coarse to fine (an int ``steps`` means
+  ``((1, steps),)``): ``steps`` Adam steps with both images averaged over ``factor``^3 blocks.
+  Where that grid is coarser than the velocity's, the step optimises a correction on the coarse
+  grid and integrates there (each step ``~factor^3`` times cheaper), and the correction is
+  resized back onto the velocity; otherwise the velocity itself is optimised against the pooled
+  images. Adam starts afresh at each level.
+
   A batch of pairs is refined as each pair alone would be (the sum of their losses: each pair's
   velocity sees its own loss's gradient). Returns the refined velocity."""
   batch = velocity.shape[0]
-  grad = jax.grad(lambda v: batch * _field_loss(model, loss_cfg, v, moving, fixed))
-  return _adam(grad, steps, velocity, learning_rate)
+  for factor, steps in normalise_schedule(schedule):
+    m, f = pool(moving, factor), pool(fixed, factor)
+    level_shape = m.shape[1:4]
+    if all(n >= v for n, v in zip(level_shape, velocity.shape[1:4])):
+      grad = jax.grad(lambda v, m=m, f=f: batch * _field_loss(model, loss_cfg, v, m, f))
+      velocity = _adam(grad, steps, velocity, learning_rate)
+      continue
+    base = transforms.resize_field(velocity, level_shape)
+    grad = jax.grad(lambda d, base=base, m=m, f=f:
+                    batch * _field_loss(model, loss_cfg, base + d, m, f))
+    correction = _adam(grad, steps, jnp.zeros_like(base), learning_rate)
+    velocity = velocity + transforms.resize_field(correction, velocity.shape[1:4])
+  return velocity
+
+
+def normalise_schedule(schedule) -> tuple[tuple[int, int], ...]:
+  """``((factor, steps), ...)`` from an int (steps at full resolution) or such pairs, without
+  levels of 0 steps; factors must be powers of two."""
+  if isinstance(schedule, int):
+    schedule = ((1, schedule),)
+  out = []
+  for factor, steps in schedule:
+    factor, steps = int(factor), int(steps)
+    if factor < 1 or factor & (factor - 1):
+      raise ValueError(f"refinement levels take a power-of-two factor, got {factor}")
+    if steps < 0:
+      raise ValueError(f"refinement steps must be >= 0, got {steps}")
+    if steps:
+      out.append((factor, steps))
+  return tuple(out)
 
 
 # Defaults per target (README's instance-optimisation tables; shipped 1 mm model, bf16 network,
@@ -151,7 +197,9 @@ class InstanceOptimisation:
   """Test-time optimisation of one pair's training loss after the network's prediction.
 
   Attributes:
-    steps: Adam steps (0: the network's field as is).
+    steps: Adam steps at full resolution (0 and no ``coarse``: the network's field as is).
+    coarse: ``((factor, steps), ...)`` run first, coarse to fine, target ``"field"`` only:
+      steps against both images averaged over ``factor``^3 blocks (:func:`refine_velocity`).
     lr: Adam's learning rate; None: ``INSTANCE_LR[target]``.
     lam: the smoothness weight of the optimised loss; None: ``INSTANCE_LAM[target]`` (or the
       training's ``config.loss.lam`` where that is None).
@@ -163,6 +211,7 @@ class InstanceOptimisation:
   lr: float | None = None
   lam: float | None = None
   target: str = "field"
+  coarse: tuple = ()
 
   def __post_init__(self):
     if self.target not in INSTANCE_LR:
@@ -172,6 +221,19 @@ class InstanceOptimisation:
       raise ValueError(f"instance optimisation steps must be >= 0, got {self.steps}")
     if self.lam is not None and self.lam < 0:
       raise ValueError(f"instance optimisation smoothness weight must be >= 0, got {self.lam}")
+    object.__setattr__(self, "coarse", normalise_schedule(tuple(self.coarse)))
+    if self.coarse and self.target != "field":
+      raise ValueError("coarse instance optimisation levels refine the field "
+                       "(target 'field'), not the network")
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps + sum(steps for _, steps in self.coarse)
+
+  @property
+  def schedule(self) -> tuple[tuple[int, int], ...]:
+    """:func:`refine_velocity`'s schedule: the coarse levels, then ``steps`` at full size."""
+    return normalise_schedule(self.coarse + ((1, self.steps),))
 
   @property
   def learning_rate(self) -> float:
@@ -181,18 +243,23 @@ class InstanceOptimisation:
     """The loss it optimises: :func:`pair_loss_config` with its smoothness weight."""
     loss_cfg = pair_loss_config(config)
     lam = self.lam if self.lam is not None else INSTANCE_LAM[self.target]
-    if not self.steps or lam is None:
+    if not self.total_steps or lam is None:
       return loss_cfg
     return ml_collections.FrozenConfigDict({**loss_cfg.as_configdict().to_dict(), "lam": lam})
 
   def describe(self, config) -> str:
-    return (f"{self.steps} instance steps on the {self.target} (Adam, lr "
-            f"{self.learning_rate:g}, smoothness weight {self.loss_config(config).lam:g})"
-            if self.steps else "no instance steps")
+    if not self.total_steps:
+      return "no instance steps"
+    levels = " + ".join(f"{steps} at 1/{factor}" if factor > 1 else f"{steps} at full size"
+                        for factor, steps in self.schedule)
+    return (f"{self.total_steps} instance steps on the {self.target} "
+            f"{'(' + levels + ') ' if self.coarse else ''}(Adam, lr "
+            f"{self.learning_rate:g}, smoothness weight {self.loss_config(config).lam:g})")
 
 
 def register_scans(model: VxmDense, variables, config, moving, fixed,
-                   instance: InstanceOptimisation | None = None, inverse: bool = False) -> dict:
+                   instance: InstanceOptimisation | None = None, inverse: bool = False,
+                   warp: bool = True) -> dict:
   """Registers two scans of any size on the same grid, as trained.
 
   The scans are prepared like the training data (``config.data.normalize``, ``downsample``),
@@ -214,23 +281,25 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
     models: the integral of the negated velocity) also ``inverse_disp``, the field that maps the
     fixed scan onto the moving one.
   """
-  return register_scan_pairs(model, variables, config, [(moving, fixed)], instance, inverse)[0]
+  return register_scan_pairs(model, variables, config, [(moving, fixed)], instance, inverse,
+                             warp)[0]
 
 
 def register_scan_pairs(model: VxmDense, variables, config, pairs,
                         instance: InstanceOptimisation | None = None,
-                        inverse: bool = False) -> list[dict]:
+                        inverse: bool = False, warp: bool = True) -> list[dict]:
   """:func:`register_scans` of several ``(moving, fixed)`` pairs, all on grids of one shape, as
   one batch: one network call and one field refinement for all of them (each pair's result is
   the one it gets alone, up to rounding). Fine-tuning the network (``instance.target ==
-  "network"``) is per pair: those pairs run one at a time. Returns one dict per pair."""
+  "network"``) is per pair: those pairs run one at a time. ``warp=False``: the fields alone (no
+  ``moved`` / ``moved_seg``). Returns one dict per pair."""
   if inverse and model.int_steps == 0:
     raise ValueError("an inverse field needs a diffeomorphic model (config.model.int_steps > 0)")
   instance = instance or InstanceOptimisation()
   if not pairs:
     return []
-  if instance.steps > 0 and instance.target == "network" and len(pairs) > 1:
-    return [register_scan_pairs(model, variables, config, [pair], instance, inverse)[0]
+  if instance.total_steps > 0 and instance.target == "network" and len(pairs) > 1:
+    return [register_scan_pairs(model, variables, config, [pair], instance, inverse, warp)[0]
             for pair in pairs]
   for moving, fixed in pairs:
     if moving.image.shape != fixed.image.shape:
@@ -250,15 +319,19 @@ def register_scan_pairs(model: VxmDense, variables, config, pairs,
   loss_cfg = instance.loss_config(config)
   net_grid = x_moving.shape[1:4]
   # The inverse of the network's own field only when nothing refines it afterwards.
-  fields = _fields(model, inverse and not instance.steps, variables, x_moving, x_fixed)
+  with stages.stage("network"):
+    fields = stages.sync(_fields(model, inverse and not instance.total_steps, variables,
+                                 x_moving, x_fixed))
   velocity = fields["velocity"]
-  loss_before = _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed)
+  with stages.stage("loss before/after (for the log)"):
+    loss_before = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed))
   loss_after = loss_before
-  if instance.steps > 0:
+  if instance.total_steps > 0:
     lr = instance.learning_rate
     if instance.target == "field":
-      velocity = refine_velocity(model, loss_cfg, int(instance.steps), velocity, x_moving,
-                                 x_fixed, lr)
+      with stages.stage("refinement"):
+        velocity = stages.sync(refine_velocity(model, loss_cfg, instance.schedule, velocity,
+                                               x_moving, x_fixed, lr))
       fields = _fields_from_velocity(model, inverse, net_grid, velocity)
     else:
       params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
@@ -266,7 +339,9 @@ def register_scan_pairs(model: VxmDense, variables, config, pairs,
       variables = {**variables, "params": params}
       fields = _fields(model, inverse, variables, x_moving, x_fixed)
       velocity = fields["velocity"]
-    loss_after = _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed)
+    with stages.stage("loss before/after (for the log)"):
+      loss_after = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving,
+                                                  x_fixed))
 
   full_shape = pairs[0][0].image.shape
 
@@ -280,15 +355,18 @@ def register_scan_pairs(model: VxmDense, variables, config, pairs,
       field = jnp.pad(field, pads + [(0, 0)], mode="edge")
     return field
 
-  disp = to_full_grid(fields["disp"])
-  inverse_disp = to_full_grid(fields["inverse"]) if inverse else None
+  with stages.stage("fields from the velocity"):
+    disp = stages.sync(to_full_grid(fields["disp"]))
+    inverse_disp = stages.sync(to_full_grid(fields["inverse"])) if inverse else None
   results = []
   for i, (moving, _) in enumerate(pairs):
     result = {"loss_before": float(loss_before[i]), "loss_after": float(loss_after[i]),
               "variables": variables, "disp": disp[i]}
     if inverse:
       result["inverse_disp"] = inverse_disp[i]
-    result.update(warp_volume(moving, disp[i]))
+    if warp:
+      with stages.stage("warp the moving scan (and labels)"):
+        result.update(stages.sync(warp_volume(moving, disp[i])))
     results.append(result)
   return results
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy import ndimage
 
+from vmjax import kernels
+
 _MODES = ("constant", "nearest", "wrap", "mirror", "reflect")
 
 
@@ -91,8 +93,17 @@ def _scatter_add(acc: jax.Array, flat: jax.Array, updates: jax.Array) -> jax.Arr
   return acc.reshape(b * n, c).at[rows].add(updates).reshape(b, n, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _trilinear(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
+  """:func:`_trilinear_xla`, computed by :func:`vmjax.kernels.trilinear` on the CPU (float32
+  images); the XLA computation everywhere else."""
+  if kernels.usable(image, coords):
+    return kernels.on_cpu(functools.partial(kernels.trilinear, mode=mode),
+                          functools.partial(_trilinear_xla, mode=mode), image, coords)
+  return _trilinear_xla(image, coords, mode)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _trilinear_xla(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
   """Trilinear samples of ``image`` ``(B, D, H, W, C)`` at ``coords`` ``(B, D, H, W, 3)``, f32.
 
   Same values as ``map_coordinates(order=1)``; a hand-written VJP keeps the coordinate gradient a
@@ -108,7 +119,7 @@ def _trilinear(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
 
 
 def _trilinear_fwd(image, coords, mode):
-  return _trilinear(image, coords, mode), (image, coords)
+  return _trilinear_xla(image, coords, mode), (image, coords)
 
 
 def _trilinear_bwd(mode, residuals, g):
@@ -130,7 +141,16 @@ def _trilinear_bwd(mode, residuals, g):
           d_coords.reshape(coords.shape).astype(coords.dtype))
 
 
-_trilinear.defvjp(_trilinear_fwd, _trilinear_bwd)
+_trilinear_xla.defvjp(_trilinear_fwd, _trilinear_bwd)
+
+
+def sample(image: jax.Array, coords: jax.Array, mode: str = "constant") -> jax.Array:
+  """Trilinear samples of ``image`` ``(B, Di, Hi, Wi, C)`` at voxel coordinates ``coords``
+  ``(B, D, H, W, 3)`` -> ``(B, D, H, W, C)`` float32 (``map_coordinates(order=1)``'s values;
+  ``mode`` ``"constant"``: 0 outside, or ``"nearest"``). Differentiable in both."""
+  if mode not in ("constant", "nearest"):
+    raise ValueError(f"sample: mode must be 'constant' or 'nearest', got {mode!r}")
+  return _trilinear(image.astype(jnp.float32), coords.astype(jnp.float32), mode)
 
 
 def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "constant") -> jax.Array:

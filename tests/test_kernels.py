@@ -1,0 +1,101 @@
+"""The native CPU kernels (vmjax/kernels.py) against their XLA references in vmjax.transforms
+and vmjax.losses: values and gradients, odd shapes, both boundary modes, samples far outside."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vmjax import kernels
+from vmjax import losses
+from vmjax import transforms
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="vmjax's native kernels could not be built on this machine "
+    "(needs g++ and x86-64 Linux); the XLA path is what runs here")
+
+
+def _sample_case(seed, image_shape, grid_shape, channels, batch=2):
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=(batch, *image_shape, channels)).astype(np.float32)
+  # Coordinates across and beyond the image (edges, far outside), plus exact integers.
+  coords = np.stack([rng.uniform(-3.0, n + 2.0, size=(batch, *grid_shape))
+                     for n in image_shape], axis=-1).astype(np.float32)
+  coords[:, 0, 0, 0] = [0.0, 0.0, 0.0]
+  coords[:, -1, -1, -1] = [n - 1 for n in image_shape]
+  coords[:, 0, 1, 0] = [-40.0, 3.5, 1e4]
+  return jnp.asarray(image), jnp.asarray(coords)
+
+
+@pytest.mark.parametrize("mode", ["constant", "nearest"])
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_trilinear_matches_the_xla_reference_and_scipy(mode, channels):
+  image, coords = _sample_case(0, (7, 9, 11), (6, 5, 8), channels)
+  native = jax.jit(lambda i, c: kernels.trilinear(i, c, mode))(image, coords)
+  reference = transforms._trilinear_xla(image, coords, mode)
+  np.testing.assert_allclose(native, reference, atol=1e-5)
+  # and scipy's map_coordinates (an independent implementation) for one channel
+  from scipy import ndimage
+  scipy_mode = "grid-constant" if mode == "constant" else "nearest"
+  expected = ndimage.map_coordinates(np.asarray(image[1, ..., 0], np.float64),
+                                     np.moveaxis(np.asarray(coords[1], np.float64), -1, 0),
+                                     order=1, mode=scipy_mode)
+  np.testing.assert_allclose(native[1, ..., 0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["constant", "nearest"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_trilinear_gradients_match_the_xla_reference(mode, channels):
+  image, coords = _sample_case(1, (5, 8, 6), (5, 8, 6), channels)
+  weights = jnp.asarray(np.random.default_rng(2).normal(size=image.shape[:1] + coords.shape[1:4]
+                                                        + (channels,)).astype(np.float32))
+
+  def loss(fn):
+    return jax.jit(jax.grad(lambda i, c: jnp.sum(weights * jnp.sin(fn(i, c, mode))),
+                            argnums=(0, 1)))
+
+  native = loss(kernels.trilinear)(image, coords)
+  reference = loss(transforms._trilinear_xla)(image, coords)
+  for n, r in zip(native, reference):
+    np.testing.assert_allclose(n, r, atol=2e-5)
+
+
+def test_trilinear_coordinate_gradient_matches_finite_differences():
+  image, coords = _sample_case(3, (6, 6, 6), (3, 3, 3), 2, batch=1)
+  coords = jnp.clip(coords, 0.3, 4.7)  # inside, away from integer kinks
+  coords = coords.at[..., :].set(jnp.floor(coords) + 0.4)
+  f = lambda c: jnp.sum(kernels.trilinear(image, c, "constant") ** 2)
+  grad = jax.grad(f)(coords)
+  eps = 1e-2
+  for index in [(0, 0, 0, 0, 0), (0, 1, 2, 0, 1), (0, 2, 1, 2, 2)]:
+    step = jnp.zeros_like(coords).at[index].set(eps)
+    numeric = (f(coords + step) - f(coords - step)) / (2 * eps)
+    np.testing.assert_allclose(grad[index], numeric, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [1, 3, 9])
+@pytest.mark.parametrize("shape", [(1, 5, 7, 4, 5), (2, 11, 3, 9, 2)])
+def test_box_sum_matches_the_xla_reference_and_a_numpy_loop(window, shape):
+  x = jnp.asarray(np.random.default_rng(4).normal(size=shape).astype(np.float32))
+  native = jax.jit(lambda x: kernels.box_sum(x, window))(x)
+  np.testing.assert_allclose(native, losses.box_sum_xla(x, window), atol=1e-4)
+  half = window // 2
+  padded = np.pad(np.asarray(x, np.float64), [(0, 0)] + [(half, half)] * 3 + [(0, 0)])
+  loop = np.zeros(shape)
+  for a in range(window):
+    for b in range(window):
+      for c in range(window):
+        loop += padded[:, a:a + shape[1], b:b + shape[2], c:c + shape[3]]
+  np.testing.assert_allclose(native, loop, atol=1e-4)
+  g = jnp.asarray(np.random.default_rng(5).normal(size=shape).astype(np.float32))
+  grad_native = jax.grad(lambda x: jnp.sum(g * kernels.box_sum(x, window)))(x)
+  grad_xla = jax.grad(lambda x: jnp.sum(g * losses.box_sum_xla(x, window)))(x)
+  np.testing.assert_allclose(grad_native, grad_xla, atol=1e-4)
+
+
+def test_the_default_functions_take_the_native_path_on_the_cpu():
+  image, coords = _sample_case(6, (4, 4, 4), (4, 4, 4), 1, batch=1)
+  hlo = jax.jit(lambda i, d: transforms.warp(i, d)).lower(image, coords).as_text()
+  assert "vmjax_trilinear" in hlo
+  x = jnp.ones((1, 6, 6, 6, 1))
+  assert "vmjax_box_sum" in jax.jit(lambda a: losses.ncc_loss(a, a)).lower(x).as_text()
