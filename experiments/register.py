@@ -15,10 +15,29 @@ diffeomorphic models). ``--affine=none`` registers scans already on one grid.
 After the network, 50 Adam steps refine its field on this pair (``--instance_steps``; 0: the
 network alone, about 4x faster on a CPU, ~0.05 Dice lower on OASIS-TRT-20; see README).
 Errors (bad input, missing model) are one line on stderr and exit code 1; nothing is written.
+
+A whole study (one model load, one compilation per shape, an atlas read and aligned once, the
+next pair read while one registers):
+
+  python -m experiments.register --pairs=pairs.csv --outdir=out     # moving,fixed[,moving_seg,
+                                                                    #  fixed_seg,name]
+  python -m experiments.register --moving='subjects/*/t1.nii.gz' --fixed=atlas.nii.gz --outdir=out
+  ... --shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT           # an array job's share
+  ... --coordinator_address=host:1234 --num_processes=4 --process_id=$i
+
+Each pair writes ``out/<name>/moved.nii.gz``, ``warp.nii.gz`` (``moved_seg.nii.gz`` with labels;
+``--write_ants``, ``--write_ants_inverse``) atomically, then its row in ``out/results.csv``
+(``name,status,error,seconds,dice,folding_percent,moving,fixed``; ``dice``: mean over the labels
+of ``fixed_seg``). A pair that fails (unreadable, empty, NaN or 4-D scan, ...) gets a ``failed``
+row with its one-line error and the others go on; exit code 3 then (0: all done). Rerunning the
+same command skips the pairs done and retries the rest; SIGTERM / SIGINT finish the pair at hand
+and stop (exit code 128 + signal).
 """
 
 import concurrent.futures
 import os
+import signal
+import sys
 import time
 
 from absl import app
@@ -30,6 +49,8 @@ import numpy as np
 from vmjax import ants_io
 from vmjax import checkpoints
 from vmjax import cli
+from vmjax import cohort
+from vmjax import evaluation
 from vmjax import io
 from vmjax import networks
 from vmjax import pipeline
@@ -55,12 +76,25 @@ flags.DEFINE_string("moved_seg", None, "Output: the labels warped (nearest neigh
 flags.DEFINE_enum("affine", "affine", ["affine", "none"],
                   "affine: align both scans to the model's template first (any grids); none: "
                   "the scans are already aligned on one grid.")
+EXIT_SOME_FAILED = 3  # a cohort run in which some pairs failed (the others were done)
 flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
 cli.define_instance_flags(__name__, default_steps=50)
 flags.DEFINE_bool("profile", False, "Print where the time went: a table of stages (process "
                   "start, reading, affine steps, network, refinement, composition, warps, "
                   "writes) with the compilation inside each.")
-flags.mark_flags_as_required(["moving", "fixed"])
+flags.DEFINE_string("pairs", None, "Cohort: a CSV of pairs (header: moving,fixed and optionally "
+                    "moving_seg,fixed_seg,name; paths relative to the CSV). Needs --outdir.")
+flags.DEFINE_string("outdir", None, "Cohort: each pair writes OUTDIR/<name>/{moved,warp[,"
+                    "moved_seg]}.nii.gz; OUTDIR/results.csv gets one row per pair. With "
+                    "--moving='glob' --fixed=atlas: every matching scan to the atlas.")
+flags.DEFINE_string("fixed_seg", None, "Cohort with a --moving glob: the atlas's labels (Dice "
+                    "in results.csv needs labels of both scans: use --pairs for those).")
+flags.DEFINE_bool("write_ants", False, "Cohort: also OUTDIR/<name>/warp_ants.nii.gz.")
+flags.DEFINE_bool("write_ants_inverse", False, "Cohort: also warp_ants_inverse.nii.gz "
+                  "(diffeomorphic models).")
+flags.DEFINE_string("shard", None, "Cohort: K/N, this job's share of the list (pairs i with "
+                    "i %% N == K), for array jobs without a coordinator.")
+cli.define_distributed_flags(__name__)
 
 
 def load_model():
@@ -104,9 +138,7 @@ def _register(rec):
     fixed = io.load_volume(FLAGS.fixed)
   with stages.stage("load the model"):
     model, variables, config, space = load_model()
-  if FLAGS.affine == "affine" and space is None:
-    raise app.UsageError("--affine=affine needs a model with a template (the shipped pretrained "
-                         "models); with --workdir use --affine=none on aligned scans")
+  _check_space(space)
   instance = cli.instance_from_flags()
   start = time.perf_counter()
   result = pipeline.register_pair(model, variables, config, moving, fixed, space, FLAGS.affine,
@@ -117,35 +149,178 @@ def _register(rec):
                time.perf_counter() - start, sum(rec.compile_seconds.values()),
                result["loss_before"], result["loss_after"],
                f" after {instance.describe(config)}" if instance.total_steps else "")
+  paths = {"moved": FLAGS.moved, "warp": FLAGS.warp, "moved_seg": FLAGS.moved_seg,
+           "warp_ants": FLAGS.warp_ants, "warp_ants_inverse": FLAGS.warp_ants_inverse}
+  for path in write_outputs(result, moving, fixed, paths):
+    logging.info("wrote %s", path)
+
+
+def _check_space(space):
+  if FLAGS.affine == "affine" and space is None:
+    raise app.UsageError("--affine=affine needs a model with a template (the shipped pretrained "
+                         "models); with --workdir use --affine=none on aligned scans")
+
+
+_DESCRIBE = {"warp_ants": " (ANTs/ITK displacement field)",
+             "warp_ants_inverse": " (inverse ANTs/ITK displacement field, moving grid)"}
+
+
+def write_outputs(result: dict, moving, fixed, paths: dict) -> list[str]:
+  """Writes the outputs ``paths`` names (``moved``, ``warp``, ``moved_seg``, ``warp_ants``,
+  ``warp_ants_inverse``; None: not wanted), each atomically, side by side (compression releases
+  the GIL). Returns what was written, for the log."""
+  paths = {k: p for k, p in paths.items() if p}
   with stages.stage("fields and images to the host"):
     disp = np.asarray(result["disp"], np.float32)
-    writes = []  # (path, write(), what)
-    if FLAGS.moved:
-      moved = np.asarray(result["moved"], np.float32)
-      writes.append((FLAGS.moved, lambda: io.save_volume(FLAGS.moved, moved, like=fixed), ""))
-    if FLAGS.warp:
-      writes.append((FLAGS.warp, lambda: io.save_volume(FLAGS.warp, disp, like=fixed), ""))
-    if FLAGS.moved_seg:
-      seg = np.asarray(result["moved_seg"]).astype(np.int32)
-      writes.append((FLAGS.moved_seg,
-                     lambda: io.save_volume(FLAGS.moved_seg, seg, like=fixed, key="seg"), ""))
-    if FLAGS.warp_ants:
-      writes.append((FLAGS.warp_ants,
-                     lambda: ants_io.save_ants_warp(FLAGS.warp_ants, disp, fixed, moving),
-                     " (ANTs/ITK displacement field)"))
-    if FLAGS.warp_ants_inverse:
-      inverse = np.asarray(result["inverse_disp"], np.float32)
-      writes.append((FLAGS.warp_ants_inverse,
-                     lambda: ants_io.save_ants_warp(FLAGS.warp_ants_inverse, inverse, moving,
-                                                    fixed),
-                     " (inverse ANTs/ITK displacement field, moving grid)"))
-  # Compression (gzip) releases the GIL: the files are written side by side, each atomically.
-  with stages.stage(f"write {len(writes)} files (side by side)"):
+    jobs = {}  # output -> (write, array)
+    if "moved" in paths:
+      jobs["moved"] = (lambda p, a: io.save_volume(p, a, like=fixed),
+                       np.asarray(result["moved"], np.float32))
+    if "warp" in paths:
+      jobs["warp"] = (lambda p, a: io.save_volume(p, a, like=fixed), disp)
+    if "moved_seg" in paths:
+      jobs["moved_seg"] = (lambda p, a: io.save_volume(p, a, like=fixed, key="seg"),
+                           np.asarray(result["moved_seg"]).astype(np.int32))
+    if "warp_ants" in paths:
+      jobs["warp_ants"] = (lambda p, a: ants_io.save_ants_warp(p, a, fixed, moving), disp)
+    if "warp_ants_inverse" in paths:
+      jobs["warp_ants_inverse"] = (lambda p, a: ants_io.save_ants_warp(p, a, moving, fixed),
+                                   np.asarray(result["inverse_disp"], np.float32))
+  with stages.stage(f"write {len(jobs)} files (side by side)"):
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-      futures = [(path, what, pool.submit(write)) for path, write, what in writes]
-      for path, what, future in futures:
+      futures = [pool.submit(write, paths[k], array) for k, (write, array) in jobs.items()]
+      for future in futures:
         future.result()
-        logging.info("wrote %s%s", os.path.abspath(path), what)
+  return [os.path.abspath(paths[k]) + _DESCRIBE.get(k, "") for k in jobs]
+
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return text if isinstance(error, cli.INPUT_ERRORS) else f"{type(error).__name__}: {text}"
+
+
+class _Stop:
+  """Set by SIGTERM / SIGINT: the cohort loop finishes the pair at hand, then stops."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, _):
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *_):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def run_cohort():
+  """Every pair of ``--pairs`` (or ``--moving`` glob -> ``--fixed``) into ``--outdir``."""
+  stages.enable_compilation_cache()
+  outdir = FLAGS.outdir
+  pairs = (cohort.read_pair_list(FLAGS.pairs) if FLAGS.pairs else
+           cohort.pairs_from_glob(FLAGS.moving, FLAGS.fixed, FLAGS.fixed_seg))
+  index, count = (cohort.parse_shard(FLAGS.shard) if FLAGS.shard
+                  else (jax.process_index(), jax.process_count()))
+  mine = cohort.shard(pairs, index, count)
+  extra = tuple(n for n, on in (("warp_ants", FLAGS.write_ants),
+                                ("warp_ants_inverse", FLAGS.write_ants_inverse)) if on)
+  os.makedirs(outdir, exist_ok=True)
+  done = cohort.read_results(outdir)
+  todo = [p for p in mine if not cohort.is_done(outdir, p, done, extra)]
+  logging.info("%d pairs in the list; %d for this process (shard %d/%d), %d of them already "
+               "done: %d to register into %s", len(pairs), len(mine), index, count,
+               len(mine) - len(todo), len(todo), os.path.abspath(outdir))
+  model, variables, config, space = load_model()
+  _check_space(space)
+  instance = cli.instance_from_flags()
+  logging.info("each pair: %s; %s", "affine step + network" if FLAGS.affine == "affine"
+               else "network", instance.describe(config))
+  alignments = {}  # fixed scan -> its alignment to the model's space: an atlas is aligned once
+  fixed_scans = {}  # and read once
+
+  def load(pair):
+    key = (pair.fixed, pair.fixed_seg)
+    if key not in fixed_scans:
+      fixed_scans.clear()  # keep one: bounded memory for lists with many fixed scans
+      fixed_scans[key] = io.load_volume(pair.fixed, pair.fixed_seg)
+    return io.load_volume(pair.moving, pair.moving_seg), fixed_scans[key]
+
+  failed, start = [], time.perf_counter()
+  with _Stop() as stop, concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+    upcoming = reader.submit(load, todo[0]) if todo else None
+    for i, pair in enumerate(todo):
+      loading, upcoming = upcoming, None
+      if i + 1 < len(todo):  # read the next pair while this one registers
+        upcoming = reader.submit(load, todo[i + 1])
+      row = _register_one(pair, loading, model, variables, config, space, instance, alignments,
+                          outdir, extra)
+      cohort.append_result(outdir, row)
+      if row["status"] != "ok":
+        failed.append(pair.name)
+      elapsed = time.perf_counter() - start
+      rate = (i + 1) / elapsed * 60
+      eta = (len(todo) - i - 1) / rate * 60 if rate else 0
+      logging.info("pair %d/%d %s: %s in %.1f s%s; %.1f pairs/min, ETA %s, %d failed so far",
+                   i + 1, len(todo), pair.name, row["status"], float(row["seconds"]),
+                   f" (Dice {float(row['dice']):.3f})" if row["dice"] != "" else
+                   (f": {row['error']}" if row["error"] else ""), rate,
+                   _format_eta(eta), len(failed))
+      if stop.signal:
+        logging.warning("%s: stopped after %d of %d pairs; run the same command again to do "
+                        "the other %d", stop.signal, i + 1, len(todo), len(todo) - i - 1)
+        sys.exit(128 + getattr(signal, stop.signal))
+  rows = cohort.read_results(outdir)
+  mine_failed = sorted(p.name for p in mine if rows.get(p.name, {}).get("status") == "failed")
+  logging.info("%d pairs for this process: %d ok, %d failed%s; results in %s", len(mine),
+               len(mine) - len(mine_failed), len(mine_failed),
+               f" ({', '.join(mine_failed)})" if mine_failed else "",
+               os.path.abspath(cohort.results_path(outdir)))
+  if mine_failed:
+    sys.exit(EXIT_SOME_FAILED)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _register_one(pair, loading, model, variables, config, space, instance, alignments,
+                  outdir, extra) -> dict:
+  """One pair of a cohort: its outputs written, and its ``results.csv`` row (``failed`` with
+  the one-line error when anything about it goes wrong)."""
+  row = {"name": pair.name, "moving": pair.moving, "fixed": pair.fixed, "dice": "",
+         "folding_percent": "", "error": ""}
+  start = time.perf_counter()
+  try:
+    moving, fixed = loading.result()
+    alignment = None
+    if FLAGS.affine == "affine":
+      if pair.fixed not in alignments:
+        alignments.clear()
+        alignments[pair.fixed] = pipeline.align_to_space(fixed, space)
+      alignment = alignments[pair.fixed]
+    result = pipeline.register_pair(model, variables, config, moving, fixed, space,
+                                    FLAGS.affine, instance,
+                                    inverse="warp_ants_inverse" in extra, diagnostics=False,
+                                    fixed_alignment=alignment)
+    det = np.asarray(pipeline.world_jacobian(result["disp"], fixed, moving))
+    row["folding_percent"] = f"{100.0 * float(np.mean(det <= 0)):.4f}"
+    if moving.seg is not None and fixed.seg is not None:
+      labels = [int(v) for v in np.unique(fixed.seg) if v != 0]
+      dice = evaluation.dice_per_label(result["moved_seg"], fixed.seg, labels)
+      row["dice"] = f"{float(np.nanmean(dice)):.5f}"
+    write_outputs(result, moving, fixed, cohort.pair_outputs(outdir, pair, extra))
+    row["status"] = "ok"
+  except Exception as e:  # pylint: disable=broad-except  # one bad subject: a row, not a stop
+    row.update(status="failed", error=_one_line(e))
+  row["seconds"] = f"{time.perf_counter() - start:.2f}"
+  return row
 
 
 def main(argv):
@@ -153,11 +328,36 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   if FLAGS.workdir and FLAGS.checkpoint:
     raise app.UsageError("give at most one of --workdir and --checkpoint")
+  logging.set_verbosity(logging.INFO)
+  if FLAGS.pairs or FLAGS.outdir:
+    if not FLAGS.outdir:
+      raise app.UsageError("--pairs needs --outdir (each pair writes into OUTDIR/<name>/)")
+    if not FLAGS.pairs and not (FLAGS.moving and FLAGS.fixed):
+      raise app.UsageError("--outdir needs --pairs=LIST.csv, or --moving='glob' and --fixed")
+    if FLAGS.pairs and (FLAGS.moving or FLAGS.fixed):
+      raise app.UsageError("give --pairs or --moving/--fixed, not both")
+    single = [f for f in ("moved", "warp", "moved_seg", "warp_ants", "warp_ants_inverse",
+                          "moving_seg") if getattr(FLAGS, f)]
+    if single:
+      raise app.UsageError(f"--{', --'.join(single)}: one-pair flags; with --outdir each pair "
+                           "writes moved.nii.gz, warp.nii.gz (moved_seg.nii.gz with labels; "
+                           "--write_ants, --write_ants_inverse) into OUTDIR/<name>/")
+    if FLAGS.shard and FLAGS.coordinator_address:
+      raise app.UsageError("give --shard or --coordinator_address, not both")
+    if FLAGS.shard:
+      try:
+        cohort.parse_shard(FLAGS.shard)
+      except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    cli.initialize_distributed("or --shard=K/N for array jobs without a coordinator")
+    cli.run_reporting_errors("vmjax-register", run_cohort)
+    return
+  if not (FLAGS.moving and FLAGS.fixed):
+    raise app.UsageError("give --moving and --fixed (one pair), or --pairs/--outdir (a cohort)")
   if FLAGS.moved_seg and not FLAGS.moving_seg:
     raise app.UsageError("--moved_seg needs --moving_seg")
   if not (FLAGS.moved or FLAGS.warp or FLAGS.moved_seg or FLAGS.warp_ants):
     raise app.UsageError("nothing to write: give --moved, --warp, --warp_ants and/or --moved_seg")
-  logging.set_verbosity(logging.INFO)
   cli.run_reporting_errors("vmjax-register", run)
 
 

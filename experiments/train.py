@@ -20,7 +20,6 @@ On a TPU pod, SLURM, Open MPI or Kubernetes, ``--config.distributed=True`` inste
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from vmjax import cli
@@ -31,10 +30,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
-                    "launched by hand; see the module docstring).")
-flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
+cli.define_distributed_flags(__name__)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,14 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.INFO)
-  if not FLAGS.coordinator_address and (FLAGS.num_processes != 1 or FLAGS.process_id != 0):
-    raise app.UsageError("--num_processes / --process_id need --coordinator_address (host:port "
-                         "of process 0); on a pod or cluster use --config.distributed=True")
-  if FLAGS.coordinator_address and not 0 <= FLAGS.process_id < FLAGS.num_processes:
-    raise app.UsageError(f"--process_id={FLAGS.process_id} is not in [0, --num_processes="
-                         f"{FLAGS.num_processes})")
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  cli.initialize_distributed("on a pod or cluster use --config.distributed=True")
   # Bad data or settings (found before the first step) are one line; anything that goes wrong
   # later (a diverging run, a crash) keeps its traceback.
   cli.run_reporting_errors("vmjax-train",

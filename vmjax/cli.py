@@ -11,6 +11,7 @@ from typing import Callable
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from vmjax import registration
 
@@ -49,6 +50,32 @@ def instance_from_flags(steps: int | None = None) -> registration.InstanceOptimi
   return registration.InstanceOptimisation(
       f.instance_steps if steps is None else steps, f.instance_lr, f.instance_lam,
       f.instance_target)
+
+
+def define_distributed_flags(module_name: str) -> None:
+  """``--coordinator_address``, ``--num_processes``, ``--process_id``: a multi-process run
+  launched by hand (training, cohort registration); check and apply them with
+  :func:`initialize_distributed`."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
+                      "launched by hand; see the module docstring).", module_name=module_name)
+  flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).",
+                       module_name=module_name)
+  flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).",
+                       module_name=module_name)
+
+
+def initialize_distributed(cluster_hint: str) -> None:
+  """Starts JAX's multi-process runtime when the distributed flags ask for it; inconsistent
+  flags are a usage error (``cluster_hint``: how this command reads a cluster's own settings)."""
+  f = flags.FLAGS
+  if not f.coordinator_address and (f.num_processes != 1 or f.process_id != 0):
+    raise app.UsageError("--num_processes / --process_id need --coordinator_address (host:port "
+                         f"of process 0); {cluster_hint}")
+  if f.coordinator_address and not 0 <= f.process_id < f.num_processes:
+    raise app.UsageError(f"--process_id={f.process_id} is not in [0, --num_processes="
+                         f"{f.num_processes})")
+  if f.coordinator_address:
+    jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
 def run_reporting_errors(command: str, run: Callable[[], None],

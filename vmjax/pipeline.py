@@ -37,6 +37,21 @@ class ModelSpace:
   template: Volume
 
 
+@dataclasses.dataclass
+class Alignment:
+  """A scan aligned to a model's space: ``world`` (:func:`vmjax.affine.affine_register`: the
+  space's world -> the scan's world) and the scan resampled onto the model's grid."""
+  world: np.ndarray
+  in_space: Volume
+
+
+def align_to_space(volume: Volume, space: ModelSpace) -> Alignment:
+  """The affine step of :func:`register_pair` for one scan; a fixed scan (an atlas) that many
+  moving scans meet is aligned once and handed to :func:`register_pair` as ``fixed_alignment``."""
+  world = affine_lib.affine_register(volume, space.template)
+  return Alignment(world, affine_lib.resample_volume(volume, world, space.affine, space.shape))
+
+
 def same_grid(a: Volume, b: Volume) -> bool:
   return a.image.shape == b.image.shape and np.allclose(a.affine, b.affine, atol=1e-3)
 
@@ -74,7 +89,8 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
                   space: ModelSpace | None = None, affine: str = "affine",
                   instance: registration.InstanceOptimisation | None = None,
                   deformable: bool = True, inverse: bool = False,
-                  diagnostics: bool = True) -> dict:
+                  diagnostics: bool = True,
+                  fixed_alignment: Alignment | None = None) -> dict:
   """Registers ``moving`` to ``fixed``, each on its own grid, through the model's space.
 
   Args:
@@ -89,6 +105,7 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
       the moving grid (fixed voxel = y + inverse_disp(y)).
     diagnostics: also ``affine_moved_seg`` and ``jacobian_det`` (for evaluation; a command that
       writes neither computes neither).
+    fixed_alignment: the fixed scan's :func:`align_to_space`, when already computed.
 
   Returns:
     dict with ``disp`` (``(D, H, W, 3)`` on the fixed grid, moving voxel = x + disp),
@@ -116,8 +133,11 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
     raise ValueError("affine='affine' needs the model's space (vmjax.pretrained.space(...))")
   with stages.stage("affine: moving to template"):
     a_moving = affine_lib.affine_register(moving, space.template)
-  with stages.stage("affine: fixed to template"):
-    a_fixed = affine_lib.affine_register(fixed, space.template)
+  if fixed_alignment is None:
+    with stages.stage("affine: fixed to template"):
+      a_fixed = affine_lib.affine_register(fixed, space.template)
+  else:
+    a_fixed = fixed_alignment.world
   result = {"world": a_moving @ np.linalg.inv(a_fixed)}
   u_affine = None
   if diagnostics or not deformable:
@@ -126,8 +146,10 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
     result["affine_moved_seg"] = registration.warp_volume(moving, u_affine)["moved_seg"]
   if deformable:
     with stages.stage("resample both to the model grid"):
-      in_space = stages.sync([affine_lib.resample_volume(v, a, space.affine, space.shape)
-                              for v, a in ((moving, a_moving), (fixed, a_fixed))])
+      in_space = stages.sync([
+          affine_lib.resample_volume(moving, a_moving, space.affine, space.shape),
+          fixed_alignment.in_space if fixed_alignment is not None else
+          affine_lib.resample_volume(fixed, a_fixed, space.affine, space.shape)])
     out = registration.register_scans(model, variables, config, *in_space, instance, inverse,
                                       warp=False)
     with stages.stage("compose onto the fixed grid"):
