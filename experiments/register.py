@@ -56,6 +56,7 @@ from vmjax import networks
 from vmjax import pipeline
 from vmjax import pretrained
 from vmjax import stages
+from vmjax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its newest readable checkpoint); default: "
@@ -236,6 +237,9 @@ def run_cohort():
   logging.info("%d pairs in the list; %d for this process (shard %d/%d), %d of them already "
                "done: %d to register into %s", len(pairs), len(mine), index, count,
                len(mine) - len(todo), len(todo), os.path.abspath(outdir))
+  if not todo:
+    _summary(outdir, mine)
+    return
   model, variables, config, space = load_model()
   _check_space(space)
   instance = cli.instance_from_flags()
@@ -270,11 +274,16 @@ def run_cohort():
                    i + 1, len(todo), pair.name, row["status"], float(row["seconds"]),
                    f" (Dice {float(row['dice']):.3f})" if row["dice"] != "" else
                    (f": {row['error']}" if row["error"] else ""), rate,
-                   _format_eta(eta), len(failed))
+                   train.format_eta(eta), len(failed))
       if stop.signal:
         logging.warning("%s: stopped after %d of %d pairs; run the same command again to do "
                         "the other %d", stop.signal, i + 1, len(todo), len(todo) - i - 1)
         sys.exit(128 + getattr(signal, stop.signal))
+  _summary(outdir, mine)
+
+
+def _summary(outdir, mine):
+  """Logs this process's share of the list by status; exit code 3 if any pair failed."""
   rows = cohort.read_results(outdir)
   mine_failed = sorted(p.name for p in mine if rows.get(p.name, {}).get("status") == "failed")
   logging.info("%d pairs for this process: %d ok, %d failed%s; results in %s", len(mine),
@@ -283,11 +292,6 @@ def run_cohort():
                os.path.abspath(cohort.results_path(outdir)))
   if mine_failed:
     sys.exit(EXIT_SOME_FAILED)
-
-
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _register_one(pair, loading, model, variables, config, space, instance, alignments,

@@ -205,7 +205,8 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
+  """``H:MM:SS`` for a progress log."""
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -298,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("step %d/%d  %s  %.3f steps/s  %.2f pairs/s  ETA %s", done, num_steps,
                      "  ".join(f"{k}={v:.5f}" for k, v in step_metrics.items()),
                      rates["steps_per_s"], rates["pairs_per_s"],
-                     _format_eta((num_steps - done) / max(steps_per_s, 1e-9)))
+                     format_eta((num_steps - done) / max(steps_per_s, 1e-9)))
         writer.write(done, {**{f"train/{k}": v for k, v in step_metrics.items()}, **rates})
       if dataset.val_pairs and (done % config.eval_every == 0 or done == num_steps):
         summary = evaluate(eval_step, unreplicate(p_state.params), dataset.val_pairs,
