@@ -34,10 +34,12 @@ same command skips the pairs done and retries the rest; SIGTERM / SIGINT finish 
 and stop (exit code 128 + signal).
 """
 
+import collections
 import concurrent.futures
 import os
 import signal
 import sys
+import threading
 import time
 
 from absl import app
@@ -247,38 +249,61 @@ def run_cohort():
                else "network", instance.describe(config))
   alignments = {}  # fixed scan -> its alignment to the model's space: an atlas is aligned once
   fixed_scans = {}  # and read once
+  lock, fixed_lock, align_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
   def load(pair):
     key = (pair.fixed, pair.fixed_seg)
-    if key not in fixed_scans:
-      fixed_scans.clear()  # keep one: bounded memory for lists with many fixed scans
-      fixed_scans[key] = io.load_volume(pair.fixed, pair.fixed_seg)
-    return io.load_volume(pair.moving, pair.moving_seg), fixed_scans[key]
+    with fixed_lock:
+      if key not in fixed_scans:
+        fixed_scans.clear()  # keep one: bounded memory for lists with many fixed scans
+        fixed_scans[key] = io.load_volume(pair.fixed, pair.fixed_seg)
+      fixed = fixed_scans[key]
+    return io.load_volume(pair.moving, pair.moving_seg), fixed
 
-  failed, start = [], time.perf_counter()
-  with _Stop() as stop, concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-    upcoming = reader.submit(load, todo[0]) if todo else None
-    for i, pair in enumerate(todo):
-      loading, upcoming = upcoming, None
-      if i + 1 < len(todo):  # read the next pair while this one registers
-        upcoming = reader.submit(load, todo[i + 1])
-      row = _register_one(pair, loading, model, variables, config, space, instance, alignments,
-                          outdir, extra)
-      cohort.append_result(outdir, row)
-      if row["status"] != "ok":
-        failed.append(pair.name)
-      elapsed = time.perf_counter() - start
-      rate = (i + 1) / elapsed * 60
-      eta = (len(todo) - i - 1) / rate * 60 if rate else 0
-      logging.info("pair %d/%d %s: %s in %.1f s%s; %.1f pairs/min, ETA %s, %d failed so far",
-                   i + 1, len(todo), pair.name, row["status"], float(row["seconds"]),
-                   f" (Dice {float(row['dice']):.3f})" if row["dice"] != "" else
-                   (f": {row['error']}" if row["error"] else ""), rate,
-                   train.format_eta(eta), len(failed))
-      if stop.signal:
-        logging.warning("%s: stopped after %d of %d pairs; run the same command again to do "
-                        "the other %d", stop.signal, i + 1, len(todo), len(todo) - i - 1)
-        sys.exit(128 + getattr(signal, stop.signal))
+  def alignment_for(pair, fixed):
+    with align_lock:
+      if pair.fixed not in alignments:
+        alignments.clear()
+        alignments[pair.fixed] = pipeline.align_to_space(fixed, space)
+      return alignments[pair.fixed]
+
+  # Several local devices (GPUs, TPU cores): one worker per device takes the next pair.
+  devices = jax.local_devices()[:len(todo)]
+  if len(devices) > 1:
+    logging.info("pairs split across %d local devices", len(devices))
+  queue = collections.deque(todo)
+  progress = {"done": 0, "failed": 0}
+  start = time.perf_counter()
+
+  with _Stop() as stop, concurrent.futures.ThreadPoolExecutor(len(devices)) as reader:
+
+    def take():
+      with lock:
+        return queue.popleft() if queue and not stop.signal else None
+
+    def worker(device):
+      with jax.default_device(device):
+        pair = take()
+        loading = reader.submit(load, pair) if pair else None
+        while pair is not None:
+          following = take()  # read the next pair while this one registers
+          upcoming = reader.submit(load, following) if following else None
+          row = _register_one(pair, loading, model, variables, config, space, instance,
+                              alignment_for, outdir, extra)
+          cohort.append_result(outdir, row)
+          _log_progress(pair, row, progress, len(todo), start, lock)
+          if stop.signal:
+            return  # a pair read ahead has no row: the rerun registers it
+          pair, loading = following, upcoming
+
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+      for future in [pool.submit(worker, d) for d in devices]:
+        future.result()
+    if stop.signal:
+      logging.warning("%s: stopped after %d of %d pairs; run the same command again to do the "
+                      "other %d", stop.signal, progress["done"], len(todo),
+                      len(todo) - progress["done"])
+      sys.exit(128 + getattr(signal, stop.signal))
   _summary(outdir, mine)
 
 
@@ -294,21 +319,31 @@ def _summary(outdir, mine):
     sys.exit(EXIT_SOME_FAILED)
 
 
-def _register_one(pair, loading, model, variables, config, space, instance, alignments,
+def _log_progress(pair, row, progress, total, start, lock):
+  with lock:
+    progress["done"] += 1
+    progress["failed"] += row["status"] != "ok"
+    done = progress["done"]
+    rate = done / (time.perf_counter() - start) * 60
+    eta = (total - done) / rate * 60 if rate else 0
+    logging.info("pair %d/%d %s: %s in %.1f s%s; %.1f pairs/min, ETA %s, %d failed so far",
+                 done, total, pair.name, row["status"], float(row["seconds"]),
+                 f" (Dice {float(row['dice']):.3f})" if row["dice"] != "" else
+                 (f": {row['error']}" if row["error"] else ""), rate, train.format_eta(eta),
+                 progress["failed"])
+
+
+def _register_one(pair, loading, model, variables, config, space, instance, alignment_for,
                   outdir, extra) -> dict:
   """One pair of a cohort: its outputs written, and its ``results.csv`` row (``failed`` with
   the one-line error when anything about it goes wrong)."""
   row = {"name": pair.name, "moving": pair.moving, "fixed": pair.fixed, "dice": "",
          "folding_percent": "", "error": ""}
   start = time.perf_counter()
+  cohort.remove_stale_temporaries(outdir, pair)
   try:
     moving, fixed = loading.result()
-    alignment = None
-    if FLAGS.affine == "affine":
-      if pair.fixed not in alignments:
-        alignments.clear()
-        alignments[pair.fixed] = pipeline.align_to_space(fixed, space)
-      alignment = alignments[pair.fixed]
+    alignment = alignment_for(pair, fixed) if FLAGS.affine == "affine" else None
     result = pipeline.register_pair(model, variables, config, moving, fixed, space,
                                     FLAGS.affine, instance,
                                     inverse="warp_ants_inverse" in extra, diagnostics=False,

@@ -126,6 +126,18 @@ def pair_outputs(outdir: str, pair: Pair, extra: tuple[str, ...] = ()) -> dict[s
   return {n: os.path.join(outdir, pair.name, f"{n}.nii.gz") for n in names}
 
 
+def remove_stale_temporaries(outdir: str, pair: Pair) -> None:
+  """Deletes what a killed run left in the pair's folder: the hidden temporary files of
+  :func:`vmjax.atomic.atomic_path` (complete outputs are never among them). A pair belongs to
+  one process, so no other writer is at work there."""
+  folder = os.path.join(outdir, pair.name)
+  for path in glob.glob(os.path.join(folder, ".tmp-*")):
+    try:
+      os.remove(path)
+    except FileNotFoundError:
+      pass
+
+
 def results_path(outdir: str) -> str:
   return os.path.join(outdir, "results.csv")
 
