@@ -237,3 +237,28 @@ def test_two_processes_split_one_list_and_together_equal_one_process(trained, tm
   for name, row in one_rows.items():
     assert two_rows[name]["status"] == row["status"] == "ok"
     assert float(two_rows[name]["dice"]) == pytest.approx(float(row["dice"]), abs=1e-5)
+
+
+def test_a_glob_pairs_every_match_with_the_atlas(tmp_path):
+  for s in ("b", "a"):
+    (tmp_path / s).mkdir()
+    (tmp_path / s / "t1.nii.gz").write_bytes(b"")
+  pairs = cohort.pairs_from_glob(str(tmp_path / "*" / "t1.nii.gz"), "atlas.nii.gz", "atlas_seg")
+  assert [(p.name, p.fixed, p.fixed_seg) for p in pairs] == [
+      ("a_t1", "atlas.nii.gz", "atlas_seg"), ("b_t1", "atlas.nii.gz", "atlas_seg")]
+  with pytest.raises(DataError, match="matches no file"):
+    cohort.pairs_from_glob(str(tmp_path / "none*.nii"), "atlas.nii.gz")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pairs=x.csv"], "--pairs needs --outdir"),
+    (["--outdir=o"], "--outdir needs --pairs"),
+    (["--pairs=x.csv", "--outdir=o", "--moved=m.nii.gz"], "one-pair flags"),
+    (["--pairs=x.csv", "--outdir=o", "--shard=3/3"], "K/N"),
+])
+def test_cohort_usage_errors_are_one_clear_message(args, message, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "experiments.register", *args], cwd=tmp_path,
+                          env=dict(_env(), PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "o")
