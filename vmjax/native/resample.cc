@@ -70,22 +70,41 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& image, const ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-// Calls f(b, x, axes, corner offsets into the batch item's image) for every output voxel.
+struct Axes {
+  Axis a0, a1, a2;
+};
+
+inline Axes MakeAxes(const Shapes& s, const float* p, bool nearest) {
+  return {MakeAxis(p[0], s.di, nearest), MakeAxis(p[1], s.hi, nearest),
+          MakeAxis(p[2], s.wi, nearest)};
+}
+
+// Calls f(b, x, axes) for every output voxel x of batch item b, in parallel.
 template <typename F>
 inline void ForEachSample(const Shapes& s, const float* coords, bool nearest, F&& f) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < s.b; ++b)
-    for (int64_t x = 0; x < s.out; ++x) {
-      const float* p = coords + (b * s.out + x) * 3;
-      const Axis a0 = MakeAxis(p[0], s.di, nearest);
-      const Axis a1 = MakeAxis(p[1], s.hi, nearest);
-      const Axis a2 = MakeAxis(p[2], s.wi, nearest);
-      f(b, x, a0, a1, a2);
-    }
+    for (int64_t x = 0; x < s.out; ++x) f(b, x, MakeAxes(s, coords + (b * s.out + x) * 3, nearest));
 }
 
-inline int64_t Offset(const Shapes& s, int64_t i0, int64_t i1, int64_t i2) {
-  return ((i0 * s.hi + i1) * s.wi + i2) * s.c;
+// Calls f(offset, w0, w1, w2, d0, d1, d2) for the 8 corners of one sample: the corner's offset
+// into its batch item's image, its per-axis weights (their product is the corner's weight) and
+// the per-axis weight derivatives.
+template <typename F>
+inline void ForEachCorner(const Shapes& s, const Axes& a, F&& f) {
+  for (int c0 = 0; c0 < 2; ++c0) {
+    const int64_t i0 = c0 ? a.a0.i1 : a.a0.i0;
+    const float w0 = c0 ? a.a0.w1 : a.a0.w0, d0 = c0 ? a.a0.d1 : a.a0.d0;
+    for (int c1 = 0; c1 < 2; ++c1) {
+      const int64_t i1 = c1 ? a.a1.i1 : a.a1.i0;
+      const float w1 = c1 ? a.a1.w1 : a.a1.w0, d1 = c1 ? a.a1.d1 : a.a1.d0;
+      for (int c2 = 0; c2 < 2; ++c2) {
+        const int64_t i2 = c2 ? a.a2.i1 : a.a2.i0;
+        const float w2 = c2 ? a.a2.w1 : a.a2.w0, d2 = c2 ? a.a2.d1 : a.a2.d0;
+        f(((i0 * s.hi + i1) * s.wi + i2) * s.c, w0, w1, w2, d0, d1, d2);
+      }
+    }
+  }
 }
 
 // C > 0: the channel count known at compile time (1: images, 3: fields); 0: any.
@@ -95,30 +114,22 @@ void TrilinearLoop(const Shapes& s0, const float* img, const float* coords, floa
   Shapes s = s0;
   if (C > 0) s.c = C;
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
-  ForEachSample(s, coords, nearest,
-                [&](int64_t b, int64_t x, const Axis& a0, const Axis& a1, const Axis& a2) {
+  ForEachSample(s, coords, nearest, [&](int64_t b, int64_t x, const Axes& axes) {
     const float* base = img + b * per_item;
     float* ov = o + (b * s.out + x) * s.c;
     float acc[C > 0 ? C : 1] = {};
     if (C == 0)
       for (int64_t k = 0; k < s.c; ++k) ov[k] = 0.0f;
-    for (int c0 = 0; c0 < 2; ++c0) {
-      const int64_t i0 = c0 ? a0.i1 : a0.i0;
-      const float f0 = c0 ? a0.w1 : a0.w0;
-      for (int c1 = 0; c1 < 2; ++c1) {
-        const int64_t i1 = c1 ? a1.i1 : a1.i0;
-        const float f01 = f0 * (c1 ? a1.w1 : a1.w0);
-        for (int c2 = 0; c2 < 2; ++c2) {
-          const float w = f01 * (c2 ? a2.w1 : a2.w0);
-          const float* v = base + Offset(s, i0, i1, c2 ? a2.i1 : a2.i0);
-          if (C > 0) {
-            for (int k = 0; k < C; ++k) acc[k] += w * v[k];
-          } else {
-            for (int64_t k = 0; k < s.c; ++k) ov[k] += w * v[k];
-          }
-        }
+    ForEachCorner(s, axes, [&](int64_t offset, float w0, float w1, float w2, float, float,
+                               float) {
+      const float w = w0 * w1 * w2;
+      const float* v = base + offset;
+      if (C > 0) {
+        for (int k = 0; k < C; ++k) acc[k] += w * v[k];
+      } else {
+        for (int64_t k = 0; k < s.c; ++k) ov[k] += w * v[k];
       }
-    }
+    });
     if (C > 0)
       for (int k = 0; k < C; ++k) ov[k] = acc[k];
   });
@@ -147,28 +158,19 @@ ffi::Error TrilinearGradCoords(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32
   const float* gp = g.typed_data();
   float* dc = d_coords->typed_data();
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
-  ForEachSample(s, coords.typed_data(), mode == 1,
-                [&](int64_t b, int64_t x, const Axis& a0, const Axis& a1, const Axis& a2) {
+  ForEachSample(s, coords.typed_data(), mode == 1, [&](int64_t b, int64_t x, const Axes& axes) {
     const float* base = img + b * per_item;
     const float* gv = gp + (b * s.out + x) * s.c;
     float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
-    for (int c0 = 0; c0 < 2; ++c0) {
-      const int64_t i0 = c0 ? a0.i1 : a0.i0;
-      const float w0 = c0 ? a0.w1 : a0.w0, d0 = c0 ? a0.d1 : a0.d0;
-      for (int c1 = 0; c1 < 2; ++c1) {
-        const int64_t i1 = c1 ? a1.i1 : a1.i0;
-        const float w1 = c1 ? a1.w1 : a1.w0, d1 = c1 ? a1.d1 : a1.d0;
-        for (int c2 = 0; c2 < 2; ++c2) {
-          const float w2 = c2 ? a2.w1 : a2.w0, d2 = c2 ? a2.d1 : a2.d0;
-          const float* v = base + Offset(s, i0, i1, c2 ? a2.i1 : a2.i0);
-          float gdotv = 0.0f;
-          for (int64_t k = 0; k < s.c; ++k) gdotv += gv[k] * v[k];
-          t0 += gdotv * d0 * w1 * w2;
-          t1 += gdotv * w0 * d1 * w2;
-          t2 += gdotv * w0 * w1 * d2;
-        }
-      }
-    }
+    ForEachCorner(s, axes, [&](int64_t offset, float w0, float w1, float w2, float d0, float d1,
+                               float d2) {
+      const float* v = base + offset;
+      float gdotv = 0.0f;
+      for (int64_t k = 0; k < s.c; ++k) gdotv += gv[k] * v[k];
+      t0 += gdotv * d0 * w1 * w2;
+      t1 += gdotv * w0 * d1 * w2;
+      t2 += gdotv * w0 * w1 * d2;
+    });
     float* out = dc + (b * s.out + x) * 3;
     out[0] = t0;
     out[1] = t1;
@@ -205,26 +207,15 @@ ffi::Error TrilinearGradImage(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32>
     const int64_t begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
     for (int64_t bx = begin; bx < end; ++bx) {
       const int64_t b = bx / s.out;
-      const float* p = cp + bx * 3;
-      const Axis a0 = MakeAxis(p[0], s.di, nearest);
-      const Axis a1 = MakeAxis(p[1], s.hi, nearest);
-      const Axis a2 = MakeAxis(p[2], s.wi, nearest);
       const float* gv = gp + bx * s.c;
       float* base = acc + b * per_item;
-      for (int c0 = 0; c0 < 2; ++c0) {
-        const int64_t i0 = c0 ? a0.i1 : a0.i0;
-        const float f0 = c0 ? a0.w1 : a0.w0;
-        for (int c1 = 0; c1 < 2; ++c1) {
-          const int64_t i1 = c1 ? a1.i1 : a1.i0;
-          const float f01 = f0 * (c1 ? a1.w1 : a1.w0);
-          for (int c2 = 0; c2 < 2; ++c2) {
-            const float w = f01 * (c2 ? a2.w1 : a2.w0);
-            if (w == 0.0f) continue;
-            float* v = base + Offset(s, i0, i1, c2 ? a2.i1 : a2.i0);
-            for (int64_t k = 0; k < s.c; ++k) v[k] += w * gv[k];
-          }
-        }
-      }
+      ForEachCorner(s, MakeAxes(s, cp + bx * 3, nearest),
+                    [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
+        const float w = w0 * w1 * w2;
+        if (w == 0.0f) return;
+        float* v = base + offset;
+        for (int64_t k = 0; k < s.c; ++k) v[k] += w * gv[k];
+      });
     }
 #pragma omp barrier
     // Sum the other threads' buffers into the output, split over the image.
