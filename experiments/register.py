@@ -61,6 +61,7 @@ from vmjax import stages
 from vmjax import train
 
 FLAGS = flags.FLAGS
+EXIT_SOME_FAILED = 3  # a cohort run in which some pairs failed (the others were done)
 flags.DEFINE_string("workdir", None, "Training workdir (its newest readable checkpoint); default: "
                     "the shipped pretrained model.")
 flags.DEFINE_string("checkpoint", None, "Or one checkpoint directory: WORKDIR/checkpoints/STEP.")
@@ -79,7 +80,6 @@ flags.DEFINE_string("moved_seg", None, "Output: the labels warped (nearest neigh
 flags.DEFINE_enum("affine", "affine", ["affine", "none"],
                   "affine: align both scans to the model's template first (any grids); none: "
                   "the scans are already aligned on one grid.")
-EXIT_SOME_FAILED = 3  # a cohort run in which some pairs failed (the others were done)
 flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
 cli.define_instance_flags(__name__, default_steps=50)
 flags.DEFINE_bool("profile", False, "Print where the time went: a table of stages (process "
@@ -90,8 +90,6 @@ flags.DEFINE_string("pairs", None, "Cohort: a CSV of pairs (header: moving,fixed
 flags.DEFINE_string("outdir", None, "Cohort: each pair writes OUTDIR/<name>/{moved,warp[,"
                     "moved_seg]}.nii.gz; OUTDIR/results.csv gets one row per pair. With "
                     "--moving='glob' --fixed=atlas: every matching scan to the atlas.")
-flags.DEFINE_string("fixed_seg", None, "Cohort with a --moving glob: the atlas's labels (Dice "
-                    "in results.csv needs labels of both scans: use --pairs for those).")
 flags.DEFINE_bool("write_ants", False, "Cohort: also OUTDIR/<name>/warp_ants.nii.gz.")
 flags.DEFINE_bool("write_ants_inverse", False, "Cohort: also warp_ants_inverse.nii.gz "
                   "(diffeomorphic models).")
@@ -124,7 +122,6 @@ def _process_age() -> float:
 
 
 def run():
-  stages.enable_compilation_cache()
   with stages.recording() as rec:
     rec.add("process start and imports", _process_age())
     _register(rec)
@@ -197,11 +194,6 @@ def write_outputs(result: dict, moving, fixed, paths: dict) -> list[str]:
   return [os.path.abspath(paths[k]) + _DESCRIBE.get(k, "") for k in jobs]
 
 
-def _one_line(error: BaseException) -> str:
-  text = " ".join(str(error).split())
-  return text if isinstance(error, cli.INPUT_ERRORS) else f"{type(error).__name__}: {text}"
-
-
 class _Stop:
   """Set by SIGTERM / SIGINT: the cohort loop finishes the pair at hand, then stops."""
 
@@ -224,10 +216,9 @@ class _Stop:
 
 def run_cohort():
   """Every pair of ``--pairs`` (or ``--moving`` glob -> ``--fixed``) into ``--outdir``."""
-  stages.enable_compilation_cache()
   outdir = FLAGS.outdir
   pairs = (cohort.read_pair_list(FLAGS.pairs) if FLAGS.pairs else
-           cohort.pairs_from_glob(FLAGS.moving, FLAGS.fixed, FLAGS.fixed_seg))
+           cohort.pairs_from_glob(FLAGS.moving, FLAGS.fixed))
   index, count = (cohort.parse_shard(FLAGS.shard) if FLAGS.shard
                   else (jax.process_index(), jax.process_count()))
   mine = cohort.shard(pairs, index, count)
@@ -357,7 +348,7 @@ def _register_one(pair, loading, model, variables, config, space, instance, alig
     write_outputs(result, moving, fixed, cohort.pair_outputs(outdir, pair, extra))
     row["status"] = "ok"
   except Exception as e:  # pylint: disable=broad-except  # one bad subject: a row, not a stop
-    row.update(status="failed", error=_one_line(e))
+    row.update(status="failed", error=cli.one_line(e))
   row["seconds"] = f"{time.perf_counter() - start:.2f}"
   return row
 
@@ -389,15 +380,21 @@ def main(argv):
       except ValueError as e:
         raise app.UsageError(str(e)) from e
     cli.initialize_distributed("or --shard=K/N for array jobs without a coordinator")
-    cli.run_reporting_errors("vmjax-register", run_cohort)
-    return
+    target = run_cohort
+  else:
+    _check_one_pair_flags()
+    target = run
+  stages.enable_compilation_cache()
+  cli.run_reporting_errors("vmjax-register", target)
+
+
+def _check_one_pair_flags():
   if not (FLAGS.moving and FLAGS.fixed):
     raise app.UsageError("give --moving and --fixed (one pair), or --pairs/--outdir (a cohort)")
   if FLAGS.moved_seg and not FLAGS.moving_seg:
     raise app.UsageError("--moved_seg needs --moving_seg")
   if not (FLAGS.moved or FLAGS.warp or FLAGS.moved_seg or FLAGS.warp_ants):
     raise app.UsageError("nothing to write: give --moved, --warp, --warp_ants and/or --moved_seg")
-  cli.run_reporting_errors("vmjax-register", run)
 
 
 def entry_point():

@@ -84,9 +84,15 @@ def run_reporting_errors(command: str, run: Callable[[], None],
   try:
     run()
   except errors as e:
-    message = " ".join(str(e).split())  # one line, whatever the exception's text
-    print(f"{command}: error: {message}", file=sys.stderr)
+    print(f"{command}: error: {one_line(e)}", file=sys.stderr)
     sys.exit(1)
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's text on one line, whatever its own line breaks; prefixed by its type unless
+  it is one of :data:`INPUT_ERRORS` (whose messages name the file or setting themselves)."""
+  text = " ".join(str(error).split())
+  return text if isinstance(error, INPUT_ERRORS) else f"{type(error).__name__}: {text}"
 
 
 def run_main(main: Callable, module_name: str, doc: str | None) -> None:

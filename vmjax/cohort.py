@@ -21,10 +21,10 @@ import os
 import re
 
 from vmjax.checks import DataError
+from vmjax.io import IMAGE_SUFFIXES
 
 RESULT_COLUMNS = ("name", "status", "error", "seconds", "dice", "folding_percent", "moving",
                   "fixed")
-_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Pair:
 def scan_stem(path: str) -> str:
   """A scan file's name without its folder and suffix (``.nii.gz`` counts as one suffix)."""
   base = os.path.basename(path)
-  for suffix in _SUFFIXES:
+  for suffix in IMAGE_SUFFIXES:
     if base.lower().endswith(suffix):
       return base[:-len(suffix)]
   return os.path.splitext(base)[0]
@@ -69,8 +69,9 @@ def read_pair_list(path: str) -> list[Pair]:
   are relative to the CSV's folder. Bad lists are a :class:`DataError` naming the file."""
   try:
     with open(path, newline="") as f:
-      rows = list(csv.DictReader(f))
-      header = rows and list(rows[0]) or []
+      reader = csv.DictReader(f)
+      rows = list(reader)
+      header = reader.fieldnames or []
   except OSError as e:
     raise DataError(f"--pairs={path}: cannot read the pair list: {e.strerror or e}") from e
   if not rows:
