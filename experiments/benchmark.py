@@ -226,12 +226,12 @@ def run_native_pair(steps, dtype):
   import numpy as np
   import vmjax
   from vmjax import affine as affine_lib
-  from vmjax import networks
   from vmjax import pipeline
+  from vmjax import precision
   from vmjax import pretrained
 
   model, variables, config = pretrained.load()
-  model = networks.with_dtype(model, dtype)
+  model = precision.with_dtype(model, dtype)
   space = pretrained.space()
   shape = (256, 256, 160)
   asl = np.array([[0, 0, -1, 80], [-1, 0, 0, 128], [0, 1, 0, -128], [0, 0, 0, 1]], np.float64)
@@ -328,11 +328,12 @@ def main(argv):
     print("RESULT " + json.dumps(_child(FLAGS.child, shape)), flush=True)
     return
   import jax
-  from vmjax import conv
+  from vmjax.native import build
   device = jax.devices()[0]
   print(f"vmjax benchmark: batch {FLAGS.batch}, median of {FLAGS.steps} after a warm-up; "
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}); "
-        f"{os.cpu_count()} CPUs, {conv.cpu_model()}, bf16 instructions: {conv.bf16_isa() or 'none'}",
+        f"{os.cpu_count()} CPUs, {build.cpu_model()}, "
+        f"bf16 instructions: {build.bf16_isa() or 'none'}",
         flush=True)
   specs = [f"vmjax:{v}:{c}:{d}" for v in FLAGS.variants for c in FLAGS.conv for d in FLAGS.dtype]
   if "torch" in FLAGS.compare:

@@ -40,8 +40,8 @@ from vmjax import data
 from vmjax import evaluation
 from vmjax import io
 from vmjax import metrics
-from vmjax import networks
 from vmjax import plots
+from vmjax import precision
 from vmjax import pretrained
 from vmjax.atomic import atomic_path
 
@@ -67,7 +67,7 @@ flags.DEFINE_list("methods", ["identity", "vmjax", "vmjax_instance", "ants:SyN"]
                   "alone), vmjax_native_instance (with --instance_steps), ants:PRESET "
                   "(ants:Affine, ants:SyN, ants:SyNCC, ants:antsRegistrationSyN[s], ...; cached "
                   "per pair in OUTDIR/cache).")
-flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
+flags.DEFINE_enum("dtype", None, precision.DTYPES, precision.DTYPE_HELP)
 flags.DEFINE_integer("batch", 1, "Pairs per network call for vmjax and vmjax_instance (pairs "
                      "already on one grid; consecutive pairs of one shape are batched; seconds "
                      "per pair = the call's time / its pairs).", lower_bound=1)
@@ -112,7 +112,7 @@ def build_methods():
     else:
       model, variables, config = pretrained.load(FLAGS.model)
       space = pretrained.space(FLAGS.model)
-    model = networks.for_registration(model, FLAGS.dtype)
+    model = precision.for_registration(model, FLAGS.dtype)
   for name in FLAGS.methods:
     preset = name.split(":", 1)[1] if name.startswith("ants:") else (
         "SyN" if name == "ants_syn" else None)

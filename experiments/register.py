@@ -54,8 +54,8 @@ from vmjax import cli
 from vmjax import cohort
 from vmjax import evaluation
 from vmjax import io
-from vmjax import networks
 from vmjax import pipeline
+from vmjax import precision
 from vmjax import pretrained
 from vmjax import stages
 from vmjax import train
@@ -80,7 +80,7 @@ flags.DEFINE_string("moved_seg", None, "Output: the labels warped (nearest neigh
 flags.DEFINE_enum("affine", "affine", ["affine", "none"],
                   "affine: align both scans to the model's template first (any grids); none: "
                   "the scans are already aligned on one grid.")
-flags.DEFINE_enum("dtype", None, networks.DTYPES, networks.DTYPE_HELP)
+flags.DEFINE_enum("dtype", None, precision.DTYPES, precision.DTYPE_HELP)
 cli.define_instance_flags(__name__, default_steps=50)
 flags.DEFINE_bool("profile", False, "Print where the time went: a table of stages (process "
                   "start, reading, affine steps, network, refinement, composition, warps, "
@@ -103,9 +103,9 @@ def load_model():
   if FLAGS.workdir or FLAGS.checkpoint:
     model, variables, config = checkpoints.load_trained(FLAGS.workdir or FLAGS.checkpoint,
                                                         best=FLAGS.best)
-    return networks.for_registration(model, FLAGS.dtype), variables, config, None
+    return precision.for_registration(model, FLAGS.dtype), variables, config, None
   model, variables, config = pretrained.load(FLAGS.model)
-  return (networks.for_registration(model, FLAGS.dtype), variables, config,
+  return (precision.for_registration(model, FLAGS.dtype), variables, config,
           pretrained.space(FLAGS.model))
 
 

@@ -57,12 +57,12 @@ def time_ants(moving: str, fixed: str) -> float:
 
 def main(argv):
   del argv
-  from vmjax import conv
+  from vmjax.native import build
   movings = sorted(glob.glob(FLAGS.moving))
   if not movings:
     raise app.UsageError(f"--moving={FLAGS.moving} matches no file")
-  print(f"CPU: {conv.cpu_model()} ({os.cpu_count()} cores), bf16 instructions: "
-        f"{conv.bf16_isa() or 'none'}", flush=True)
+  print(f"CPU: {build.cpu_model()} ({os.cpu_count()} cores), bf16 instructions: "
+        f"{build.bf16_isa() or 'none'}", flush=True)
   rows = {}
   if "vmjax" in FLAGS.methods:
     with tempfile.TemporaryDirectory() as outdir:

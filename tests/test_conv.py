@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vmjax import blocks
 from vmjax import conv
 from vmjax import networks
+from vmjax.native import build
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -92,8 +94,8 @@ def test_bfloat16_matches_an_f32_reference_of_the_rounded_inputs(x_shape, co, st
   """bf16 in, bf16 out; the reference is the f32 convolution of the same (bf16-rounded) values,
   so the only error allowed is bf16's rounding of the result (and of dy in the gradients)."""
   if isa is None:
-    monkeypatch.setattr(conv, "bf16_isa", lambda: None)
-  elif conv.bf16_isa() is None:
+    monkeypatch.setattr(build, "bf16_isa", lambda: None)
+  elif build.bf16_isa() is None:
     pytest.skip("this CPU has no bf16 instructions (AMX / AVX512-BF16)")
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
@@ -120,7 +122,7 @@ def test_bfloat16_matches_an_f32_reference_of_the_rounded_inputs(x_shape, co, st
 
 
 @needs_onednn
-@pytest.mark.skipif(conv.bf16_isa() is None, reason="this CPU has no bf16 instructions")
+@pytest.mark.skipif(build.bf16_isa() is None, reason="this CPU has no bf16 instructions")
 @pytest.mark.parametrize("x_shape,kernel,strides", [
     ((1, 2, 2, 2, 16), 3, 1),   # a 32^3 volume's coarsest U-Net level
     ((1, 2, 3, 4, 16), 3, 1),
@@ -151,10 +153,19 @@ def test_ineligible_convolutions_fall_back_to_lax():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((1, 8, 8, 8, 2)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 3)), jnp.float32)
-  for kwargs in (dict(rhs_dilation=(2, 2, 2)),):
-    out = conv.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=DN, **kwargs)
-    ref = lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=DN, **kwargs)
-    np.testing.assert_array_equal(out, ref)
+  ncdhw = ("NCDHW", "OIDHW", "NCDHW")
+  xc, wc = jnp.moveaxis(x, -1, 1), jnp.transpose(w, (4, 3, 0, 1, 2))
+  for a, b, kwargs in ((x, w, dict(rhs_dilation=(2, 2, 2), dimension_numbers=DN)),
+                       (xc, wc, dict(dimension_numbers=ncdhw))):
+    fn = lambda a, b, kw=kwargs: conv.conv_general_dilated(a, b, (1, 1, 1), "SAME", **kw)
+    assert "vmjax_conv" not in jax.jit(fn).lower(a, b).as_text()
+    np.testing.assert_array_equal(
+        fn(a, b), lax.conv_general_dilated(a, b, (1, 1, 1), "SAME", **kwargs))
+  # NCDHW computes the same convolution as channels-last (a layout, not another operation).
+  np.testing.assert_allclose(
+      jnp.moveaxis(conv.conv_general_dilated(xc, wc, (1, 1, 1), "SAME",
+                                             dimension_numbers=ncdhw), 1, -1),
+      lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=DN), atol=1e-4)
   xh, wh = x.astype(jnp.float16), w.astype(jnp.float16)
   hlo = jax.jit(lambda a, b: conv.conv_general_dilated(a, b, (1, 1, 1), "SAME",
                                                        dimension_numbers=DN)).lower(xh, wh)
@@ -230,14 +241,29 @@ def test_the_kernel_is_not_built_when_the_default_backend_is_not_the_cpu(monkeyp
   assert "vmjax_conv" not in hlo.as_text()
 
 
-def test_cache_key_names_the_onednn_version_and_the_compiler(tmp_path):
+def test_cache_key_changes_with_everything_the_library_depends_on(tmp_path):
+  """The key of a build is a function of the source, the compiler, the flags and oneDNN (read
+  from its header here), and of the CPU exactly when the flags tune for it."""
   include = tmp_path / "include" / "oneapi" / "dnnl"
   include.mkdir(parents=True)
   (include / "dnnl_version.h").write_text(
       "#define DNNL_VERSION_MAJOR 3\n#define DNNL_VERSION_MINOR 2\n#define DNNL_VERSION_PATCH 7\n")
-  assert conv._dnnl_version(str(tmp_path / "include")) == "3.2.7"
-  assert conv._dnnl_version(str(tmp_path / "missing")) == "unknown"
-  assert conv._compiler_version(str(tmp_path / "no-such-compiler")) == "unknown"
+  assert build.dnnl_version(str(tmp_path / "include")) == "3.2.7"
+  assert build.dnnl_version(str(tmp_path / "missing")) == "unknown"
+  assert build.compiler_version(str(tmp_path / "no-such-compiler")) == "unknown"
+  base = dict(compiler="g++ 12", flags=("-O3",), onednn=("/lib", "3.2.7"), cpu="avx2 fma")
+  key = build.cache_key(b"source", **base)
+  assert key == build.cache_key(b"source", **base) and len(key) == 16
+  changed = [build.cache_key(b"source 2", **base)] + [
+      build.cache_key(b"source", **dict(base, **{name: value}))
+      for name, value in (("compiler", "g++ 13"), ("flags", ("-O2",)),
+                          ("onednn", ("/lib", "3.3.0")), ("onednn", None))]
+  assert key not in changed and len(set(changed)) == len(changed)
+  # A build for this CPU (-march=native) is keyed by its instruction set; a portable one is not.
+  assert build.cache_key(b"source", **dict(base, cpu="avx512f")) == key
+  native = dict(base, flags=("-O3", "-march=native"))
+  assert (build.cache_key(b"source", **native)
+          != build.cache_key(b"source", **dict(native, cpu="avx512f")))
 
 
 def _upsample_concat_reference(h, skip, w, b, slope):
@@ -264,7 +290,7 @@ def test_upsample_concat_conv_block_matches_the_direct_computation(coarse, c1, c
   skip = jnp.asarray(rng.standard_normal((batch, *fine, c2)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 3, c1 + c2, co)), jnp.float32)
   b = jnp.asarray(rng.standard_normal(co), jnp.float32)
-  fast = jax.jit(lambda *a: conv.upsample_concat_conv_block(*a, negative_slope=slope))
+  fast = jax.jit(lambda *a: blocks.upsample_concat_conv_block(*a, negative_slope=slope))
   ref = jax.jit(lambda *a: _upsample_concat_reference(*a, slope))
   np.testing.assert_allclose(fast(h, skip, w, b), ref(h, skip, w, b), rtol=1e-5, atol=1e-4)
   assert "vmjax_conv_subpixel" in fast.lower(h, skip, w, b).as_text()  # not a silent fallback
@@ -276,14 +302,14 @@ def test_upsample_concat_conv_block_matches_the_direct_computation(coarse, c1, c
 
 
 @needs_onednn
-@pytest.mark.skipif(conv.bf16_isa() is None, reason="this CPU has no bf16 instructions")
+@pytest.mark.skipif(build.bf16_isa() is None, reason="this CPU has no bf16 instructions")
 def test_upsample_concat_conv_block_in_bf16_matches_an_f32_reference():
   rng = np.random.default_rng(6)
   h = jnp.asarray(rng.standard_normal((1, 4, 3, 5, 8)), jnp.bfloat16)
   skip = jnp.asarray(rng.standard_normal((1, 8, 6, 10, 2)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 10, 6)) * 0.2, jnp.float32)
   b = jnp.asarray(rng.standard_normal(6), jnp.float32)
-  out = jax.jit(lambda *a: conv.upsample_concat_conv_block(*a, negative_slope=0.2))(h, skip, w, b)
+  out = jax.jit(lambda *a: blocks.upsample_concat_conv_block(*a, negative_slope=0.2))(h, skip, w, b)
   assert out.dtype == jnp.bfloat16
   ref = _upsample_concat_reference(h.astype(jnp.float32), skip.astype(jnp.float32), w, b, 0.2)
   # bf16 kernels, two bf16 partial sums: a few bf16 ulps of the output's scale.
@@ -297,17 +323,17 @@ def test_upsample_concat_conv_block_is_the_direct_computation_off_the_cpu(monkey
   monkeypatch.setattr(conv.jax, "default_backend", lambda: "gpu")
   h, skip = jnp.ones((1, 2, 2, 2, 3)), jnp.ones((1, 4, 4, 4, 1))
   w, b = jnp.ones((3, 3, 3, 4, 2)), jnp.zeros(2)
-  hlo = jax.jit(lambda *a: conv.upsample_concat_conv_block(*a, 0.2)).lower(h, skip, w, b)
+  hlo = jax.jit(lambda *a: blocks.upsample_concat_conv_block(*a, 0.2)).lower(h, skip, w, b)
   assert "vmjax_conv" not in hlo.as_text()
   with pytest.raises(ValueError, match="negative_slope"):
-    conv.upsample_concat_conv_block(h, skip, w, b, negative_slope=0.0)
+    blocks.upsample_concat_conv_block(h, skip, w, b, negative_slope=0.0)
 
 
 @pytest.mark.parametrize("use_onednn", [True, False])
 def test_conv_block_f32_out_is_an_f32_convolution_of_bf16_activations(use_onednn):
   """bf16 activations, f32 kernel split into bf16 hi + lo: the f32 result of the f32
   convolution to ~1e-5 (a bf16 kernel alone is ~1e-3 off), gradients too."""
-  if use_onednn and not (conv.onednn_available() and conv.bf16_isa()):
+  if use_onednn and not (conv.onednn_available() and build.bf16_isa()):
     pytest.skip("needs the oneDNN kernel and bf16 instructions")
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.standard_normal((1, 6, 5, 7, 16)), jnp.bfloat16)
@@ -316,7 +342,7 @@ def test_conv_block_f32_out_is_an_f32_convolution_of_bf16_activations(use_onednn
   pad = ((1, 1),) * 3
 
   def fast(x, w, b):
-    return conv.conv_block_f32_out(x, w, b, (1, 1, 1), pad)
+    return blocks.conv_block_f32_out(x, w, b, (1, 1, 1), pad)
 
   def ref(x, w, b):
     return _reference(x.astype(jnp.float32), w, (1, 1, 1), pad) + b

@@ -10,6 +10,7 @@ import vmjax
 from vmjax import checks
 from vmjax import losses
 from vmjax import networks
+from vmjax import precision
 
 
 def conv_params(cin, cout):
@@ -128,7 +129,7 @@ def test_remat_changes_memory_not_results():
   for a, b in zip(jax.tree_util.tree_leaves(grads_r), jax.tree_util.tree_leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
   # remat is in the traced program (whether a compiler keeps the recomputation is its call:
-  # XLA:GPU does, XLA:CPU merges it back; see vmjax.conv.conv_block).
+  # XLA:GPU does, XLA:CPU merges it back; see vmjax.blocks.conv_block).
   assert "remat" in str(jax.make_jaxpr(lambda v: loss(remat, v))(variables))
   assert "remat" not in str(jax.make_jaxpr(lambda v: loss(plain, v))(variables))
 
@@ -141,8 +142,8 @@ def test_bfloat16_computes_in_bf16_with_f32_parameters_and_field():
   moving = jnp.asarray(rng.random((1, *shape, 1)), jnp.float32)
   fixed = jnp.asarray(rng.random((1, *shape, 1)), jnp.float32)
   f32 = vmjax.vxm_dense("vm2", int_steps=5)
-  bf16 = networks.with_dtype(f32, "bfloat16")
-  assert bf16.dtype == jnp.bfloat16 and networks.with_dtype(f32, None) is f32
+  bf16 = precision.with_dtype(f32, "bfloat16")
+  assert bf16.dtype == jnp.bfloat16 and precision.with_dtype(f32, None) is f32
   variables = vmjax.init_variables(f32, jax.random.PRNGKey(0), shape)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
       vmjax.init_variables(bf16, jax.random.PRNGKey(0), shape))

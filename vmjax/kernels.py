@@ -9,8 +9,8 @@ image 0.081 s (XLA 0.156); the box sum of NCC's five 160x192x160 maps 0.136 s (X
 gradient of a 7-step scaling and squaring at 80x96x80 0.63 s (XLA 1.15); one step of the
 shipped model's field refinement at 160x192x160 (loss and gradient) 1.45 s (XLA 3.2).
 
-Like :mod:`vmjax.conv`, the kernels are built with the system C++ compiler on first use (no
-oneDNN needed; cached under ``$VMJAX_CACHE``) and used only for the CPU backend inside
+Like :mod:`vmjax.conv`'s, the kernels are built on first use by :mod:`vmjax.native.build` (no
+oneDNN needed) and used only for the CPU backend inside
 ``lax.platform_dependent``: GPUs/TPUs, and any CPU where the build fails (one warning), run the
 XLA computation in :mod:`vmjax.transforms` / :mod:`vmjax.losses`, which is also the reference
 the tests compare against. ``VMJAX_KERNELS=xla`` switches them off.
@@ -18,7 +18,6 @@ the tests compare against. ``VMJAX_KERNELS=xla`` switches them off.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 
@@ -27,9 +26,9 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from vmjax import conv
+from vmjax.native import build
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "resample.cc")
+_SOURCE = os.path.join(build.HERE, "resample.cc")
 _TARGETS = {"vmjax_trilinear": "VmjaxTrilinear",
             "vmjax_trilinear_grad_coords": "VmjaxTrilinearGradCoords",
             "vmjax_trilinear_grad_image": "VmjaxTrilinearGradImage",
@@ -44,11 +43,7 @@ def available() -> bool:
   if os.environ.get("VMJAX_KERNELS", "").lower() == "xla":
     return False
   try:
-    lib = ctypes.cdll.LoadLibrary(conv.build_library(_SOURCE, link_onednn=False,
-                                                       extra_flags=_FLAGS))
-    for target, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                  platform="cpu")
+    build.load(_SOURCE, _TARGETS, link_onednn=False, extra_flags=_FLAGS)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("vmjax: native resampling kernels unavailable, using XLA's: %s", e)
     return False

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vmjax import blocks
 from vmjax import checks
-from vmjax import conv
+from vmjax import precision
 from vmjax import transforms
 
 VM1_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 8, 8))
@@ -24,41 +24,29 @@ class ConvBlock(nn.Module):
 
   The parameters are those of ``nn.Conv(features, (3, 3, 3))`` (``kernel`` ``(3, 3, 3, Cin,
   features)``, ``bias``), with explicit padding 1 as VoxelMorph's PyTorch code (a stride-2 conv is
-  centred on even voxels). The convolution is :func:`vmjax.conv.conv_general_dilated` (oneDNN on
-  CPU, XLA's elsewhere). ``remat``: ``jax.checkpoint`` per block (see
-  :func:`vmjax.conv.conv_block` for what it saves where).
+  centred on even voxels), computed by :func:`vmjax.blocks.unet_block` (oneDNN on CPU, XLA's
+  elsewhere). ``remat``: ``jax.checkpoint`` per block (see :func:`vmjax.blocks.conv_block` for
+  what it saves where).
   """
   features: int
   stride: int = 1
   activation: bool = True
   remat: bool = False
   dtype: Any = jnp.float32
-  out_dtype: Any = None  # float32 with a bfloat16 dtype: conv.conv_block_f32_out
+  out_dtype: Any = None  # float32 with a bfloat16 dtype: blocks.conv_block_f32_out
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
     """``x`` ``(B, D, H, W, Cin)``; with ``skip`` ``(B, 2D, 2H, 2W, Cs)`` (stride 1 only) the
-    block's input is ``concat([upsample2(x), skip])`` (``Cin + Cs`` kernel input channels),
-    computed by :func:`vmjax.conv.upsample_concat_conv_block`."""
+    block's input is ``concat([upsample2(x), skip])`` (``Cin + Cs`` kernel input channels)."""
     cin = x.shape[-1] + (0 if skip is None else skip.shape[-1])
     kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    slope = 0.2 if self.activation else None
-    if (self.out_dtype is not None and jnp.dtype(self.out_dtype) == jnp.float32
-        and jnp.dtype(self.dtype) == jnp.bfloat16):
-      if skip is not None:
-        raise ValueError("ConvBlock: skip with a float32 out_dtype is not supported")
-      return conv.conv_block_f32_out(x, kernel, bias, (self.stride,) * 3, ((1, 1),) * 3, slope)
-    if skip is not None:
-      if self.stride != 1:
-        raise ValueError("ConvBlock: skip needs stride 1")
-      return conv.upsample_concat_conv_block(x.astype(self.dtype), skip.astype(self.dtype),
-                                             kernel, bias, slope, self.remat)
-    return conv.conv_block(x.astype(self.dtype), kernel.astype(self.dtype),
-                           bias.astype(self.dtype), (self.stride,) * 3, ((1, 1),) * 3,
-                           slope, self.remat)
+    return blocks.unet_block(x, kernel, bias, stride=self.stride,
+                             negative_slope=0.2 if self.activation else None, dtype=self.dtype,
+                             skip=skip, out_dtype=self.out_dtype, remat=self.remat)
 
 
 class Unet(nn.Module):
@@ -89,14 +77,15 @@ class Unet(nn.Module):
       x = block(features, stride=2, name=f"enc_{i}")(x)
       skips.append(x)
     skips.pop()  # the coarsest activation feeds the decoder directly
-    skip = None  # with x, the pending concat([upsample2(x), skip]): the next block fuses it
+    # Decoder: after each of the first `levels` convs, x2 upsampling and concatenation with the
+    # encoder activation of that resolution; the next block takes both (ConvBlock(x, skip)).
     names = ([f"dec_{i}" for i in range(levels)]
              + [f"full_{i}" for i in range(len(self.dec_features) - levels)])
     for i, (name, features) in enumerate(zip(names, self.dec_features)):
+      skip = skips.pop() if 0 < i <= levels else None
       x = block(features, name=name)(x, skip)
-      skip = skips.pop() if i < levels else None
-    if skip is not None:  # no full-resolution convs: the concatenation is the output
-      x = jnp.concatenate([conv.upsample2(x), skip.astype(x.dtype)], axis=-1)
+    if len(self.dec_features) == levels:  # no full-resolution convs: the concatenation is out
+      x = jnp.concatenate([blocks.upsample2(x), skips.pop().astype(x.dtype)], axis=-1)
     return x
 
 
@@ -149,7 +138,7 @@ class VxmDense(nn.Module):
     x = jnp.concatenate([moving, fixed], axis=-1).astype(self.dtype)
     x = Unet(self.enc_features, self.dec_features, self.dtype, self.remat, name="unet")(x)
     # The field in f32 whatever ``dtype`` (sub-voxel accuracy): f32 products and accumulation
-    # (bf16 activations times a kernel split into two bf16 parts, conv.conv_block_f32_out).
+    # (bf16 activations times a kernel split into two bf16 parts, blocks.conv_block_f32_out).
     flow = ConvBlock(3, activation=False, dtype=self.dtype, out_dtype=jnp.float32, name="flow",
                      kernel_init=nn.initializers.normal(1e-5))(x)
     if self.int_steps == 0:
@@ -203,44 +192,7 @@ def model_from_config(model_cfg) -> VxmDense:
     raise ValueError("config.model: set variant ('vm1'/'vm2') or enc_features and dec_features")
   return VxmDense(enc_features=enc, dec_features=dec, int_steps=model_cfg.int_steps,
                   int_downsize=model_cfg.int_downsize, remat=model_cfg.get("remat", False),
-                  dtype=compute_dtype(model_cfg.get("dtype", "float32")))
-
-
-DTYPES = ("float32", "bfloat16")
-DTYPE_HELP = ("Convolutions' dtype; default: bfloat16 where it is fast (GPU/TPU, or a CPU with "
-              "AMX / AVX512-BF16 on the oneDNN path), else float32 (README, benchmark).")
-
-
-def registration_dtype() -> str:
-  """What the command lines register in unless told: ``"bfloat16"`` where it is fast (a
-  GPU/TPU, or a CPU with AMX / AVX512-BF16 under the oneDNN path), else ``"float32"``. On the
-  OASIS-TRT-20 pairs bf16 moved the shipped model's Dice by 0.0003 or less, folding unchanged
-  (README), against 1.6-2.2x less time on an AVX512-BF16 CPU."""
-  if jax.default_backend() != "cpu":
-    return "bfloat16"
-  return "bfloat16" if conv.bf16_isa() and conv.onednn_available() else "float32"
-
-
-def for_registration(model: VxmDense, name: str | None) -> VxmDense:
-  """``model`` in ``name`` (a command line's ``--dtype``), or in :func:`registration_dtype`
-  when None; says which in the log."""
-  name = name or registration_dtype()
-  logging.info("vmjax network computes in %s", name)
-  return with_dtype(model, name)
-
-
-def with_dtype(model: VxmDense, name: str | None) -> VxmDense:
-  """``model`` computing in ``name`` (``--dtype`` of the command lines; None: unchanged). The
-  parameters are the same f32 ones either way."""
-  return model if not name else model.clone(dtype=compute_dtype(name))
-
-
-def compute_dtype(name) -> jnp.dtype:
-  """``"float32"`` / ``"bfloat16"`` (``config.model.dtype``, ``--dtype``) as a dtype."""
-  if str(jnp.dtype(name) if not isinstance(name, str) else name) not in DTYPES:
-    raise checks.DataError(f"model dtype must be one of {DTYPES} (config.model.dtype, "
-                           f"--dtype), got {name!r}")
-  return jnp.dtype(name)
+                  dtype=precision.compute_dtype(model_cfg.get("dtype", "float32")))
 
 
 def init_variables(model: VxmDense, rng: jax.Array, spatial_shape, channels: int = 1):

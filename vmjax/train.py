@@ -35,6 +35,7 @@ from vmjax import plots
 from vmjax import summaries
 from vmjax import transforms
 from vmjax.atomic import atomic_path
+from vmjax.native import build
 
 AXIS = "devices"
 
@@ -225,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = networks.model_from_config(config.model)
   backend = jax.default_backend()
   logging.info("platform %s, %s; convolutions: %s", backend,
-               conv.cpu_model() if backend == "cpu" else jax.devices()[0].device_kind,
+               build.cpu_model() if backend == "cpu" else jax.devices()[0].device_kind,
                conv.describe_path())
   dataset = data_lib.build(config, shard=(process, processes), levels=model.levels)
   spatial_shape = dataset.spatial_shape
