@@ -17,11 +17,9 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
 
 from vmjax import ants_io
-from vmjax import checks
 from vmjax import cli
 from vmjax import io
 from vmjax import transforms
@@ -34,35 +32,11 @@ flags.DEFINE_bool("labels", False, "The input is a label map: nearest neighbour,
 flags.mark_flags_as_required(["warp", "input", "output"])
 
 
-def voxel_field(warp_path: str, moving: io.Volume) -> tuple[np.ndarray, io.Volume]:
-  """The warp as a vmjax voxel field into ``moving``'s grid, and the fixed grid it lives on."""
-  if not os.path.exists(warp_path):
-    raise checks.DataError(f"warp file not found: {warp_path}")
-  try:
-    img = nib.load(warp_path)
-  except Exception as e:  # nibabel raises many kinds
-    raise checks.DataError(f"cannot read warp file {warp_path}: {type(e).__name__}: {e}") from e
-  field = np.asarray(img.dataobj, np.float64)
-  grid = io.Volume(image=np.zeros(field.shape[:3], np.float32), seg=None,
-                   affine=np.asarray(img.affine, np.float64), path=warp_path, header=img.header)
-  if field.ndim == 5 and field.shape[3:] == (1, 3):  # ITK displacement, LPS mm
-    ras = field[:, :, :, 0, :] * ants_io.RAS_TO_LPS
-    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in field.shape[:3]],
-                                 indexing="ij"), axis=-1)
-    q = index @ grid.affine[:3, :3].T + grid.affine[:3, 3] + ras
-    inv = np.linalg.inv(moving.affine)
-    return (q @ inv[:3, :3].T + inv[:3, 3] - index).astype(np.float32), grid
-  if field.ndim == 4 and field.shape[3] == 3:
-    return field.astype(np.float32), grid
-  raise checks.DataError(f"warp {warp_path} has shape {field.shape}: expected (D, H, W, 3) "
-                         "(vmjax voxels) or (D, H, W, 1, 3) (ANTs/ITK displacement field)")
-
-
 def run():
   volume = io.load_volume(FLAGS.input)
   if FLAGS.labels:
     volume.image = io.as_labels(volume.image, FLAGS.input).astype(np.float32)
-  disp, grid = voxel_field(FLAGS.warp, volume)
+  disp, grid = ants_io.load_warp(FLAGS.warp, volume)
   moved = transforms.warp(jnp.asarray(volume.image)[None, ..., None], jnp.asarray(disp)[None],
                           order=0 if FLAGS.labels else 1)[0, ..., 0]
   array = np.asarray(moved).astype(np.int32 if FLAGS.labels else np.float32)

@@ -16,7 +16,7 @@ Rows (each in a fresh subprocess, so that its peak resident memory is its own):
                             256x256x160 pair on two grids of different orientation (the shipped
                             model's template resampled onto them): both affine steps,
                             resampling, the network, the composed field, the moved scan
-                            (``pipeline.register_pair``), per ``--dtype``.
+                            (``pipeline.register_native_volumes``), per ``--dtype``.
 Times are medians over ``--steps`` runs after one warm-up (compile reported apart). GFLOP/s
 counts the network's convolutions only (forward: 2 * out voxels * 27 * Cin * Cout per conv;
 train step: 3x forward) against f32 GEMM rates measured in the same run (XLA and PyTorch,
@@ -131,8 +131,8 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat, dtype=
       lambda: jax.block_until_ready(vmjax.register(model, variables, moving, fixed)), steps)
   result["register_peak_rss_gib"] = _peak_rss_gib()
   if with_train:
-    state = train.create_train_state(config, jax.random.PRNGKey(0), shape)
-    step = jax.jit(train.make_train_step(config, axis_name=None), donate_argnums=(0,))
+    state = train.create_train_state(model, config, jax.random.PRNGKey(0), shape)
+    step = jax.jit(train.make_train_step(model, config, axis_name=None), donate_argnums=(0,))
     batch_arrays = {"moving": moving, "fixed": fixed}
     start = time.perf_counter()
     state, metrics = step(state, batch_arrays)
@@ -219,8 +219,8 @@ def run_gemm(steps):
 
 
 def run_native_pair(steps, dtype):
-  """``pipeline.register_pair`` with the shipped model on a synthetic 256x256x160 native pair:
-  two 1 mm grids, a sagittal-first (ASL-like) orientation, rotated 6 and -4 degrees about
+  """``pipeline.register_native_volumes`` with the shipped model on a synthetic 256x256x160
+  native pair: two 1 mm grids, a sagittal-first (ASL-like) orientation, rotated 6 and -4 degrees about
   different axes and shifted, holding the model's template."""
   import jax
   import numpy as np
@@ -250,7 +250,7 @@ def run_native_pair(steps, dtype):
                                           ("fixed", 2, -4.0, (-2, 3, 1)))]
 
   def run():
-    out = pipeline.register_pair(model, variables, config, *scans, space)
+    out = pipeline.register_native_volumes(model, variables, config, *scans, space)
     jax.block_until_ready(out["moved"])
 
   result = {"impl": "vmjax pipeline", "model": "shipped (oasis-vm2-diff, 1 mm)",

@@ -38,6 +38,7 @@ from vmjax import checks
 from vmjax import cli
 from vmjax import data
 from vmjax import evaluation
+from vmjax import freesurfer
 from vmjax import io
 from vmjax import metrics
 from vmjax import plots
@@ -148,7 +149,7 @@ def build_methods():
 
 def write_outputs(records, labels, summary, pairs):
   rows = [{"method": r["method"], "pair": r["pair"], "moving": r["moving"], "fixed": r["fixed"],
-           "label": label, "structure": evaluation.label_name(label), "dice": r["dice"][i],
+           "label": label, "structure": freesurfer.label_name(label), "dice": r["dice"][i],
            "folding_fraction": r["folding_fraction"], "folding_count": r["folding_count"],
            "seconds": r["seconds"]} for r in records for i, label in enumerate(labels)]
   with atomic_path(os.path.join(FLAGS.outdir, "results.csv")) as tmp, \
@@ -162,7 +163,7 @@ def write_outputs(records, labels, summary, pairs):
     logging.warning("matplotlib not installed: no figures (pip install -r requirements-demo.txt)")
     return
   plots.dice_boxplot(os.path.join(FLAGS.outdir, "fig5_dice.png"), records, labels,
-                     evaluation.structure_name)
+                     freesurfer.structure_name)
   for r in records:
     out = r["outcome"]
     if r["pair"] != 0 or out.disp is None or r["method"] == "identity":
@@ -181,7 +182,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   pairs = load_pairs()
   labels = (data.read_labels(FLAGS.labels) if FLAGS.labels
-            else list(evaluation.VOXELMORPH_LABELS))
+            else list(freesurfer.VOXELMORPH_LABELS))
   methods, notes = build_methods()
   start = time.perf_counter()
   records = evaluation.evaluate_methods(methods, pairs, labels, FLAGS.batch)

@@ -141,9 +141,10 @@ def _register(rec):
   _check_space(space)
   instance = cli.instance_from_flags()
   start = time.perf_counter()
-  result = pipeline.register_pair(model, variables, config, moving, fixed, space, FLAGS.affine,
-                                  instance, inverse=bool(FLAGS.warp_ants_inverse),
-                                  diagnostics=False)
+  result = pipeline.register_native_volumes(model, variables, config, moving, fixed, space,
+                                            FLAGS.affine, instance,
+                                            inverse=bool(FLAGS.warp_ants_inverse),
+                                            diagnostics=False)
   jax.block_until_ready(result["disp"])
   logging.info("registered in %.2f s (%.1f s of it compiling); loss %.5f -> %.5f%s",
                time.perf_counter() - start, sum(rec.compile_seconds.values()),
@@ -335,10 +336,10 @@ def _register_one(pair, loading, model, variables, config, space, instance, alig
   try:
     moving, fixed = loading.result()
     alignment = alignment_for(pair, fixed) if FLAGS.affine == "affine" else None
-    result = pipeline.register_pair(model, variables, config, moving, fixed, space,
-                                    FLAGS.affine, instance,
-                                    inverse="warp_ants_inverse" in extra, diagnostics=False,
-                                    fixed_alignment=alignment)
+    result = pipeline.register_native_volumes(model, variables, config, moving, fixed, space,
+                                              FLAGS.affine, instance,
+                                              inverse="warp_ants_inverse" in extra,
+                                              diagnostics=False, fixed_alignment=alignment)
     det = np.asarray(pipeline.world_jacobian(result["disp"], fixed, moving))
     row["folding_percent"] = f"{100.0 * float(np.mean(det <= 0)):.4f}"
     if moving.seg is not None and fixed.seg is not None:

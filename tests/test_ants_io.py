@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from experiments import apply as apply_cli
 from helpers import smooth_field
 import vmjax
 from vmjax import ants_io
@@ -39,7 +38,7 @@ def test_round_trip_between_grids_through_the_ants_file(tmp_path):
   fixed, moving = volume((10, 9, 11), FIXED_AFFINE, 1), volume((12, 10, 9), MOVING_AFFINE, 2)
   disp = smooth_field((10, 9, 11), amplitude=2.0, seed=3)[0] + 1.5
   ants_io.save_ants_warp(str(tmp_path / "w.nii.gz"), disp, fixed, moving)
-  back, grid = apply_cli.voxel_field(str(tmp_path / "w.nii.gz"), moving)
+  back, grid = ants_io.load_warp(str(tmp_path / "w.nii.gz"), moving)
   np.testing.assert_allclose(back, disp, atol=1e-4)
   np.testing.assert_allclose(grid.affine, FIXED_AFFINE)
 
@@ -69,3 +68,16 @@ def test_ants_applies_the_written_field_as_vmjax_does(tmp_path):
   inside = np.all((y > 1) & (y < np.asarray(moving.image.shape) - 2), axis=-1)
   assert inside.mean() > 0.3
   np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-3)
+
+
+def test_itk_geometry_is_what_itks_nifti_reader_makes_of_the_header(tmp_path):
+  ants = pytest.importorskip("ants", reason="antspyx not installed (pip install -r "
+                             "requirements-ants.txt)")
+  for i, affine in enumerate((FIXED_AFFINE, MOVING_AFFINE, np.diag([0.9, 1.2, 2.0, 1.0]))):
+    path = str(tmp_path / f"g{i}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), path)
+    theirs = ants.image_read(path)
+    origin, spacing, direction = ants_io.itk_geometry(affine)
+    np.testing.assert_allclose(origin, theirs.origin, atol=1e-5)
+    np.testing.assert_allclose(spacing, theirs.spacing, atol=1e-5)
+    np.testing.assert_allclose(direction, theirs.direction, atol=1e-5)

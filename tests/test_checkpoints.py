@@ -12,12 +12,14 @@ import pytest
 from helpers import SHAPE, textured_volume, tiny_config, write_subjects
 import vmjax
 from vmjax import checkpoints
+from vmjax import networks
 from vmjax import train
 
 
 def test_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
   config = tiny_config()
-  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  model = networks.model_from_config(config.model)
+  state = train.create_train_state(model, config, jax.random.PRNGKey(0), SHAPE)
   manager = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
   manager.save(1, state)
   later = state.replace(step=jnp.asarray(2, jnp.int32),
@@ -44,7 +46,8 @@ def test_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
 def test_unfinished_save_is_ignored(tmp_path):
   # A save killed mid-way leaves only orbax's temporary directory, which is never restored.
   config = tiny_config()
-  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  model = networks.model_from_config(config.model)
+  state = train.create_train_state(model, config, jax.random.PRNGKey(0), SHAPE)
   manager = checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config)
   manager.save(1, state)
   manager.wait_until_finished()

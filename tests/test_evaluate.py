@@ -13,6 +13,7 @@ import pytest
 import vmjax
 from helpers import textured_volume, tiny_config, write_subjects
 from vmjax import evaluation
+from vmjax import freesurfer
 from vmjax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,11 +51,11 @@ def test_summary_means_over_labels_then_pairs():
 
 
 def test_label_names_merge_hemispheres():
-  assert evaluation.label_name(17) == "Left-Hippocampus"
-  assert evaluation.structure_name(17) == evaluation.structure_name(53) == "Hippocampus"
-  assert evaluation.structure_name(1035) == evaluation.structure_name(2035) == "ctx-insula"
-  assert len(evaluation.VOXELMORPH_LABELS) == 30
-  assert all(l in evaluation.LABEL_NAMES for l in evaluation.VOXELMORPH_LABELS)
+  assert freesurfer.label_name(17) == "Left-Hippocampus"
+  assert freesurfer.structure_name(17) == freesurfer.structure_name(53) == "Hippocampus"
+  assert freesurfer.structure_name(1035) == freesurfer.structure_name(2035) == "ctx-insula"
+  assert len(freesurfer.VOXELMORPH_LABELS) == 30
+  assert all(l in freesurfer.LABEL_NAMES for l in freesurfer.VOXELMORPH_LABELS)
 
 
 def test_batched_evaluation_gives_each_pair_its_own_result():

@@ -7,31 +7,38 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vmjax"
 
 
-def vmjax_imports(tree):
-  """``[(module name, node)]`` of every ``vmjax`` module a syntax tree imports."""
+def vmjax_imports(tree, modules):
+  """``[(module name, node)]`` of every vmjax module (a name of ``modules``: ``"io"``,
+  ``"native.build"``) a syntax tree imports."""
   out = []
   for node in ast.walk(tree):
     if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vmjax":
-      if node.module == "vmjax":
-        out += [(alias.name, node) for alias in node.names]
-      else:
-        out.append((node.module.split(".")[1], node))
+      inner = node.module[len("vmjax."):]  # "" for `from vmjax import io`
+      for alias in node.names:  # a module (`from vmjax.native import build`) or a name in one
+        full = f"{inner}.{alias.name}".lstrip(".")
+        out.append((full if full in modules else inner, node))
     elif isinstance(node, ast.Import):
-      out += [(a.name.split(".")[1], node) for a in node.names if a.name.startswith("vmjax.")]
+      out += [(a.name[len("vmjax."):], node) for a in node.names if a.name.startswith("vmjax.")]
   return out
 
 
 def module_trees():
-  return {path.stem: ast.parse(path.read_text()) for path in PACKAGE.glob("*.py")}
+  """Every module of the package and its subpackages, by dotted name below ``vmjax``."""
+  trees = {}
+  for path in PACKAGE.rglob("*.py"):
+    name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    trees[name] = ast.parse(path.read_text())
+  return trees
 
 
 def test_no_import_cycles():
   trees = module_trees()
-  graph = {name: {m for m, _ in vmjax_imports(tree) if m in trees and m != name}
-           for name, tree in trees.items()}
-  graph.pop("__init__")
+  graph = {name: {m for m, _ in vmjax_imports(tree, trees) if m in trees and m != name}
+           for name, tree in trees.items() if not name.endswith("__init__")}
   for deps in graph.values():
-    deps.discard("__init__")
+    deps -= {n for n in deps if n.endswith("__init__")}
+  # The graph sees through subpackages (conv uses the native build) and names in modules.
+  assert "native.build" in graph["conv"] and "io" in graph["ants_io"]
   done, path = set(), []
 
   def visit(name):
@@ -50,8 +57,9 @@ def test_no_import_cycles():
 
 
 def test_vmjax_modules_are_imported_at_module_level():
-  for name, tree in module_trees().items():
+  trees = module_trees()
+  for name, tree in trees.items():
     top_level = {id(node) for node in tree.body}
-    lazy = [f"{name}.py:{node.lineno} imports {module}" for module, node in vmjax_imports(tree)
-            if id(node) not in top_level]
+    lazy = [f"{name}.py:{node.lineno} imports {module}"
+            for module, node in vmjax_imports(tree, trees) if id(node) not in top_level]
     assert not lazy, lazy

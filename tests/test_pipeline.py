@@ -12,6 +12,7 @@ from vmjax import affine
 from vmjax import checks
 from vmjax import io
 from vmjax import pipeline
+from vmjax import pretrained
 
 SPACE_AFFINE = np.array([[2.0, 0, 0, -16], [0, 2.0, 0, -16], [0, 0, 2.0, -16], [0, 0, 0, 1]])
 # Three orientations: the model's RAS, a fixed LIA and a moving ASL grid.
@@ -34,7 +35,7 @@ def smooth_image(shape, seed):
 
 
 def setting():
-  space = pipeline.ModelSpace(shape=(16, 16, 16), affine=SPACE_AFFINE, template=None)
+  space = pretrained.ModelSpace(shape=(16, 16, 16), affine=SPACE_AFFINE, template=None)
   fixed = io.Volume(image=smooth_image((20, 18, 22), 0), seg=None, affine=FIXED_AFFINE, path="f")
   moving = io.Volume(image=smooth_image((24, 20, 18), 1), seg=None, affine=MOVING_AFFINE,
                      path="m")
@@ -83,7 +84,7 @@ def test_composed_warp_equals_affine_then_deformable_in_sequence():
 def test_affine_none_on_different_grids_is_a_clear_error():
   _, fixed, moving, *_ = setting()
   with pytest.raises(checks.DataError, match="--affine=none needs both scans on one voxel grid"):
-    pipeline.register_pair(None, None, None, moving, fixed, affine="none")
+    pipeline.register_native_volumes(None, None, None, moving, fixed, affine="none")
 
 
 def test_inverse_composition_maps_back():

@@ -52,7 +52,7 @@ def test_identity_displacement_reproduces_the_input_exactly_at_any_shape(downsam
   moving = io.Volume(image=image, seg=seg, affine=np.eye(4), path="m")
   fixed = io.Volume(image=textured_volume(shape, seed=2)[0, ..., 0], seg=None,
                       affine=np.eye(4), path="f")
-  out = registration.register_scans(model, variables, config, moving, fixed)
+  out = registration.register_aligned_volumes(model, variables, config, moving, fixed)
   assert out["disp"].shape == (*shape, 3) and not np.asarray(out["disp"]).any()
   np.testing.assert_array_equal(out["moved"], image)
   np.testing.assert_array_equal(out["moved_seg"], seg)
@@ -65,7 +65,7 @@ def test_grid_mismatch_is_one_clear_error():
   a = io.Volume(image=np.zeros((8, 8, 8), np.float32), seg=None, affine=np.eye(4), path="a")
   b = io.Volume(image=np.zeros((8, 8, 12), np.float32), seg=None, affine=np.eye(4), path="b")
   with pytest.raises(ValueError, match="different voxel grids"):
-    registration.register_scans(model, variables, config, a, b)
+    registration.register_aligned_volumes(model, variables, config, a, b)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, 
   fixed = io.Volume(image=fixed_image, seg=None, affine=np.eye(4), path="f")
   instance = registration.InstanceOptimisation(steps=steps, lr=lr, target=target,
                                                coarse=coarse)
-  out = registration.register_scans(model, variables, config, moving, fixed, instance)
+  out = registration.register_aligned_volumes(model, variables, config, moving, fixed, instance)
   inner = (slice(4, -4),) * 3  # away from the border, where the image leaves the volume
   error = np.abs(np.asarray(out["disp"]) - truth[0])[inner].mean()
   assert out["loss_after"] < 0.9 * out["loss_before"]
@@ -231,8 +231,8 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, 
 
 @pytest.mark.parametrize("steps", [0, 10])
 def test_a_batch_of_pairs_registers_each_pair_as_alone(steps):
-  """register_scan_pairs (one network call, one refinement for all pairs) gives every pair the
-  result it gets alone: field, moved image, labels, losses; a shape mismatch is refused."""
+  """register_aligned_volume_batch (one network call, one refinement for all pairs) gives every
+  pair the result it gets alone: field, moved image, labels, losses; a shape mismatch is refused."""
   shape = (16, 16, 16)
   config = tiny_config()
   config.data.normalize = "none"
@@ -247,10 +247,11 @@ def test_a_batch_of_pairs_registers_each_pair_as_alone(steps):
                        affine=np.eye(4), path=f"s{s}") for s in range(4)]
   pairs = [(volumes[0], volumes[1]), (volumes[2], volumes[3]), (volumes[1], volumes[2])]
   instance = registration.InstanceOptimisation(steps=steps)
-  batch = registration.register_scan_pairs(model, variables, config, pairs, instance)
+  batch = registration.register_aligned_volume_batch(model, variables, config, pairs, instance)
   assert len(batch) == 3
   for (moving, fixed), out in zip(pairs, batch):
-    alone = registration.register_scans(model, variables, config, moving, fixed, instance)
+    alone = registration.register_aligned_volumes(model, variables, config, moving, fixed,
+                                                  instance)
     assert float(np.abs(np.asarray(alone["disp"])).max()) > 0.1
     np.testing.assert_allclose(out["disp"], alone["disp"], atol=2e-4)
     np.testing.assert_allclose(out["moved"], alone["moved"], atol=2e-4)
@@ -260,7 +261,8 @@ def test_a_batch_of_pairs_registers_each_pair_as_alone(steps):
   other = io.Volume(image=np.zeros((16, 16, 20), np.float32), seg=None, affine=np.eye(4),
                     path="other")
   with pytest.raises(ValueError, match="one grid shape"):
-    registration.register_scan_pairs(model, variables, config, pairs[:1] + [(other, other)])
+    registration.register_aligned_volume_batch(model, variables, config,
+                                               pairs[:1] + [(other, other)])
 
 
 def test_instance_optimisation_settings_are_checked():

@@ -16,6 +16,7 @@ import pytest
 from helpers import SHAPE, smooth_field, textured_volume, tiny_config, write_subjects
 import vmjax
 from vmjax import checkpoints
+from vmjax import networks
 from vmjax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,14 +31,15 @@ def random_batch(count, seed=0):
 def test_pmap_step_on_4_devices_equals_single_device_step_on_4_pairs():
   assert jax.local_device_count() == 4, "conftest sets 4 simulated CPU devices"
   config = tiny_config()
-  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  model = networks.model_from_config(config.model)
+  state = train.create_train_state(model, config, jax.random.PRNGKey(0), SHAPE)
   batch = random_batch(4)
 
-  single = jax.jit(train.make_train_step(config, axis_name=None))
+  single = jax.jit(train.make_train_step(model, config, axis_name=None))
   state_1, metrics_1 = single(state, batch)
   state_1, metrics_1b = single(state_1, batch)
 
-  p_step = jax.pmap(train.make_train_step(config), axis_name=train.AXIS)
+  p_step = jax.pmap(train.make_train_step(model, config), axis_name=train.AXIS)
   per_device = {k: v.reshape(4, 1, *v.shape[1:]) for k, v in batch.items()}
   p_state = flax.jax_utils.replicate(state)
   p_state, p_metrics = p_step(p_state, per_device)
@@ -52,12 +54,13 @@ def test_pmap_step_on_4_devices_equals_single_device_step_on_4_pairs():
 
 def test_loss_goes_down_on_a_small_pair():
   config = tiny_config()
+  model = networks.model_from_config(config.model)
   fixed = textured_volume(SHAPE, seed=3)
   disp = jnp.asarray(smooth_field(SHAPE, amplitude=1.5, seed=4))
   moving = np.asarray(vmjax.warp(jnp.asarray(fixed), disp, mode="nearest"))
   batch = {"moving": moving, "fixed": fixed}
-  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
-  step = jax.jit(train.make_train_step(config, axis_name=None))
+  state = train.create_train_state(model, config, jax.random.PRNGKey(0), SHAPE)
+  step = jax.jit(train.make_train_step(model, config, axis_name=None))
   losses = []
   for _ in range(40):
     state, metrics = step(state, batch)
@@ -73,11 +76,12 @@ def test_loss_goes_down_on_a_small_pair():
 ])
 def test_loss_variants_give_finite_gradients(overrides):
   config = tiny_config(**overrides)
-  state = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  model = networks.model_from_config(config.model)
+  state = train.create_train_state(model, config, jax.random.PRNGKey(0), SHAPE)
   batch = random_batch(2)
   batch["moving_seg"] = (batch["moving"] > 0.5).astype(np.int32)
   batch["fixed_seg"] = (batch["fixed"] > 0.5).astype(np.int32)
-  step = jax.jit(train.make_train_step(config, seg_labels=(0, 1), axis_name=None))
+  step = jax.jit(train.make_train_step(model, config, seg_labels=(0, 1), axis_name=None))
   new_state, metrics = step(state, batch)
   assert all(np.isfinite(float(v)) for v in metrics.values())
   if config.loss.seg_weight:
@@ -89,7 +93,8 @@ def test_loss_variants_give_finite_gradients(overrides):
 
 def params_of(workdir):
   config = tiny_config()
-  target = train.create_train_state(config, jax.random.PRNGKey(0), SHAPE)
+  model = networks.model_from_config(config.model)
+  target = train.create_train_state(model, config, jax.random.PRNGKey(0), SHAPE)
   state, meta = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                               config).restore_latest(target)
   return state, meta
@@ -124,6 +129,21 @@ def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path):
     np.testing.assert_array_equal(a, b)
   lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
   assert any('"train/loss"' in l for l in lines) and any('"val/dice"' in l for l in lines)
+
+
+def test_a_run_builds_its_model_once(tmp_path, monkeypatch):
+  data_dir = write_subjects(tmp_path / "data")
+  config = tiny_config(data_dir, num_steps=2, checkpoint_every=2, eval_every=2)
+  built = []
+  build = networks.model_from_config
+
+  def counting(model_cfg):
+    built.append(model_cfg)
+    return build(model_cfg)
+
+  monkeypatch.setattr(networks, "model_from_config", counting)
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert len(built) == 1 and "dice" in summary  # train, eval, figure: one model
 
 
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):

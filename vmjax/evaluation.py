@@ -20,45 +20,11 @@ from absl import logging
 import jax
 import numpy as np
 
+from vmjax import ants_io
 from vmjax import metrics
 from vmjax import pipeline
 from vmjax import registration
 from vmjax.atomic import atomic_path
-
-# FreeSurfer colour-table names of the labels VoxelMorph and Mindboggle evaluate.
-ASEG_NAMES = {
-    2: "Left-Cerebral-White-Matter", 3: "Left-Cerebral-Cortex", 4: "Left-Lateral-Ventricle",
-    5: "Left-Inf-Lat-Vent", 6: "Left-Cerebellum-Exterior", 7: "Left-Cerebellum-White-Matter",
-    8: "Left-Cerebellum-Cortex",
-    10: "Left-Thalamus", 11: "Left-Caudate", 12: "Left-Putamen", 13: "Left-Pallidum",
-    14: "3rd-Ventricle", 15: "4th-Ventricle", 16: "Brain-Stem", 17: "Left-Hippocampus",
-    18: "Left-Amygdala", 24: "CSF", 26: "Left-Accumbens-area", 28: "Left-VentralDC",
-    30: "Left-vessel", 31: "Left-choroid-plexus", 41: "Right-Cerebral-White-Matter",
-    42: "Right-Cerebral-Cortex", 43: "Right-Lateral-Ventricle", 44: "Right-Inf-Lat-Vent",
-    45: "Right-Cerebellum-Exterior",
-    46: "Right-Cerebellum-White-Matter", 47: "Right-Cerebellum-Cortex", 49: "Right-Thalamus",
-    50: "Right-Caudate", 51: "Right-Putamen", 52: "Right-Pallidum", 53: "Right-Hippocampus",
-    54: "Right-Amygdala", 58: "Right-Accumbens-area", 60: "Right-VentralDC", 62: "Right-vessel",
-    63: "Right-choroid-plexus", 72: "5th-Ventricle", 85: "Optic-Chiasm",
-    91: "Left-Basal-Forebrain", 92: "Right-Basal-Forebrain",
-    630: "Cerebellar-Vermal-Lobules-I-V", 631: "Cerebellar-Vermal-Lobules-VI-VII",
-    632: "Cerebellar-Vermal-Lobules-VIII-X",
-}
-_DKT = {2: "caudalanteriorcingulate", 3: "caudalmiddlefrontal", 5: "cuneus", 6: "entorhinal",
-        7: "fusiform", 8: "inferiorparietal", 9: "inferiortemporal", 10: "isthmuscingulate",
-        11: "lateraloccipital", 12: "lateralorbitofrontal", 13: "lingual",
-        14: "medialorbitofrontal", 15: "middletemporal", 16: "parahippocampal",
-        17: "paracentral", 18: "parsopercularis", 19: "parsorbitalis", 20: "parstriangularis",
-        21: "pericalcarine", 22: "postcentral", 23: "posteriorcingulate", 24: "precentral",
-        25: "precuneus", 26: "rostralanteriorcingulate", 27: "rostralmiddlefrontal",
-        28: "superiorfrontal", 29: "superiorparietal", 30: "superiortemporal",
-        31: "supramarginal", 34: "transversetemporal", 35: "insula"}
-LABEL_NAMES = {**ASEG_NAMES, **{1000 + k: f"ctx-lh-{v}" for k, v in _DKT.items()},
-               **{2000 + k: f"ctx-rh-{v}" for k, v in _DKT.items()}}
-# The 30 structures VoxelMorph reports (its fig. 5), left then right.
-VOXELMORPH_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43,
-                     46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
-
 
 def scan_name(path: str | None) -> str:
   """``folder/file`` of a scan's path: short, and tells apart scans that share a file name
@@ -67,19 +33,6 @@ def scan_name(path: str | None) -> str:
     return str(path)
   return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
                       os.path.basename(path))
-
-
-def label_name(label: int) -> str:
-  return LABEL_NAMES.get(int(label), f"label-{int(label)}")
-
-
-def structure_name(label: int) -> str:
-  """The name with its hemisphere removed, so left and right merge into one structure."""
-  name = label_name(label)
-  for prefix in ("Left-", "Right-", "ctx-lh-", "ctx-rh-"):
-    if name.startswith(prefix):
-      return ("ctx-" if prefix.startswith("ctx") else "") + name[len(prefix):]
-  return name
 
 
 def dice_per_label(seg_a: np.ndarray, seg_b: np.ndarray, labels) -> np.ndarray:
@@ -166,21 +119,23 @@ def timed_method(register: Callable, register_batch: Callable | None = None) -> 
 
 def vmjax_method(model, variables, config,
                  instance: registration.InstanceOptimisation | None = None) -> Callable:
-  """A vmjax model on pairs already aligned on one grid (:func:`registration.register_scans`;
-  batches: :func:`registration.register_scan_pairs`)."""
+  """A vmjax model on pairs already aligned on one grid
+  (:func:`registration.register_aligned_volumes`; batches:
+  :func:`registration.register_aligned_volume_batch`)."""
   return timed_method(
-      lambda moving, fixed: registration.register_scans(model, variables, config, moving,
-                                                        fixed, instance),
-      lambda pairs: registration.register_scan_pairs(model, variables, config, pairs, instance))
+      lambda moving, fixed: registration.register_aligned_volumes(
+          model, variables, config, moving, fixed, instance),
+      lambda pairs: registration.register_aligned_volume_batch(
+          model, variables, config, pairs, instance))
 
 
 def vmjax_pipeline_method(model, variables, config, space, deformable: bool = True,
                           instance: registration.InstanceOptimisation | None = None
                           ) -> Callable:
-  """The whole path from any grids (:func:`pipeline.register_pair`: affine to the model's
+  """The whole path from any grids (:func:`pipeline.register_native_volumes`: affine to the model's
   template, the network, the composed field on the fixed grid); ``deformable=False``: the
   affine step alone."""
-  return timed_method(lambda moving, fixed: pipeline.register_pair(
+  return timed_method(lambda moving, fixed: pipeline.register_native_volumes(
       model, variables, config, moving, fixed, space, "affine", instance,
       deformable=deformable))
 
@@ -204,11 +159,9 @@ def ants_image(array: np.ndarray, like):
   """An ANTs image of ``array`` with the geometry of the Volume ``like`` (spacing, origin,
   direction), converted from NIfTI's RAS to ITK's LPS as ITK's NIfTI reader does."""
   import ants
-  linear = like.affine[:3, :3]
-  spacing = np.linalg.norm(linear, axis=0)
-  flip = np.diag([-1.0, -1.0, 1.0])
-  return ants.from_numpy(np.asarray(array, np.float32), origin=list(flip @ like.affine[:3, 3]),
-                         spacing=list(spacing), direction=flip @ (linear / spacing))
+  origin, spacing, direction = ants_io.itk_geometry(like.affine)
+  return ants.from_numpy(np.asarray(array, np.float32), origin=origin, spacing=spacing,
+                         direction=direction)
 
 
 def ants_method(type_of_transform: str = "SyN", cache_dir: str | None = None) -> Callable:

@@ -26,15 +26,7 @@ from vmjax import stages
 from vmjax import transforms
 from vmjax.checks import DataError
 from vmjax.io import Volume
-
-
-@dataclasses.dataclass
-class ModelSpace:
-  """Where a model registers: its grid (``shape``, voxel-to-world ``affine``, the training
-  scans' 1 mm grid) and a template image in it for the affine step (any grid of that space)."""
-  shape: tuple
-  affine: np.ndarray
-  template: Volume
+from vmjax.pretrained import ModelSpace
 
 
 @dataclasses.dataclass
@@ -46,8 +38,9 @@ class Alignment:
 
 
 def align_to_space(volume: Volume, space: ModelSpace) -> Alignment:
-  """The affine step of :func:`register_pair` for one scan; a fixed scan (an atlas) that many
-  moving scans meet is aligned once and handed to :func:`register_pair` as ``fixed_alignment``."""
+  """The affine step of :func:`register_native_volumes` for one scan; a fixed scan (an atlas)
+  that many moving scans meet is aligned once and handed to :func:`register_native_volumes` as
+  ``fixed_alignment``."""
   world = affine_lib.affine_register(volume, space.template)
   return Alignment(world, affine_lib.resample_volume(volume, world, space.affine, space.shape))
 
@@ -85,19 +78,20 @@ def world_jacobian(u: jax.Array, fixed: Volume, moving: Volume) -> jax.Array:
   return metrics.jacobian_determinant(u[None])[0] * scale
 
 
-def register_pair(model, variables, config, moving: Volume, fixed: Volume,
-                  space: ModelSpace | None = None, affine: str = "affine",
-                  instance: registration.InstanceOptimisation | None = None,
-                  deformable: bool = True, inverse: bool = False,
-                  diagnostics: bool = True,
-                  fixed_alignment: Alignment | None = None) -> dict:
+def register_native_volumes(model, variables, config, moving: Volume, fixed: Volume,
+                            space: ModelSpace | None = None, affine: str = "affine",
+                            instance: registration.InstanceOptimisation | None = None,
+                            deformable: bool = True, inverse: bool = False,
+                            diagnostics: bool = True,
+                            fixed_alignment: Alignment | None = None) -> dict:
   """Registers ``moving`` to ``fixed``, each on its own grid, through the model's space.
 
   Args:
     affine: ``"affine"``: both scans are aligned (rigid, then affine) to ``space.template``,
       resampled onto the model's grid, registered there, and the result composed back onto the
       fixed grid; ``"none"``: the scans are already aligned and on one grid (else a
-      :class:`DataError`), registered directly as :func:`vmjax.registration.register_scans`.
+      :class:`DataError`), registered directly as
+      :func:`vmjax.registration.register_aligned_volumes`.
     instance: test-time optimisation in the model's space after the network
       (:class:`vmjax.registration.InstanceOptimisation`; None: none).
     deformable: False stops after the affine step (its result alone, no network).
@@ -120,8 +114,8 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
           f"--affine=none needs both scans on one voxel grid, but moving {moving.path} "
           f"{moving.image.shape} and fixed {fixed.path} {fixed.image.shape} differ in shape or "
           "affine; use --affine=affine to align them first")
-    out = registration.register_scans(model, variables, config, moving, fixed, instance,
-                                      inverse)
+    out = registration.register_aligned_volumes(model, variables, config, moving, fixed,
+                                                instance, inverse)
     out["world"] = np.eye(4)
     if diagnostics:
       out["affine_moved_seg"] = moving.seg
@@ -150,8 +144,8 @@ def register_pair(model, variables, config, moving: Volume, fixed: Volume,
           affine_lib.resample_volume(moving, a_moving, space.affine, space.shape),
           fixed_alignment.in_space if fixed_alignment is not None else
           affine_lib.resample_volume(fixed, a_fixed, space.affine, space.shape)])
-    out = registration.register_scans(model, variables, config, *in_space, instance, inverse,
-                                      warp=False)
+    out = registration.register_aligned_volumes(model, variables, config, *in_space, instance,
+                                                inverse, warp=False)
     with stages.stage("compose onto the fixed grid"):
       u = stages.sync(compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving,
                                             out["disp"]))

@@ -11,6 +11,7 @@ for the affine step). Made from a training workdir by ``experiments/export_pretr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -23,10 +24,18 @@ import numpy as np
 
 from vmjax import io
 from vmjax import networks
-from vmjax.pipeline import ModelSpace
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DEFAULT = "oasis-vm2-diff"
+
+
+@dataclasses.dataclass
+class ModelSpace:
+  """Where a model registers: its grid (``shape``, voxel-to-world ``affine``, the training
+  scans' 1 mm grid) and a template image in it for the affine step (any grid of that space)."""
+  shape: tuple
+  affine: np.ndarray
+  template: io.Volume
 
 
 def available() -> list[str]:
@@ -63,7 +72,7 @@ def load(name: str = DEFAULT):
 
 
 def space(name: str = DEFAULT) -> ModelSpace:
-  """The grid the model registers on and its template (:class:`vmjax.pipeline.ModelSpace`)."""
+  """The grid the model registers on and its template (:class:`ModelSpace`)."""
   grid = card(name)["grid"]
   template = io.load_volume(_path(name, "_template.nii.gz"))
   return ModelSpace(shape=tuple(grid["shape"]), affine=np.asarray(grid["affine"], np.float64),

@@ -257,9 +257,9 @@ class InstanceOptimisation:
             f"{self.learning_rate:g}, smoothness weight {self.loss_config(config).lam:g})")
 
 
-def register_scans(model: VxmDense, variables, config, moving, fixed,
-                   instance: InstanceOptimisation | None = None, inverse: bool = False,
-                   warp: bool = True) -> dict:
+def register_aligned_volumes(model: VxmDense, variables, config, moving, fixed,
+                             instance: InstanceOptimisation | None = None,
+                             inverse: bool = False, warp: bool = True) -> dict:
   """Registers two scans of any size on the same grid, as trained.
 
   The scans are prepared like the training data (``config.data.normalize``, ``downsample``),
@@ -267,7 +267,7 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
   (after downsampling) resized to the full grid, so outputs live on the fixed scan's grid.
   ``instance.steps > 0`` then optimises this pair's training loss (:class:`InstanceOptimisation`:
   the network's field or its parameters; None: none). Compiled pieces are cached per shape.
-  :func:`register_scan_pairs` does the same for several pairs in one batch.
+  :func:`register_aligned_volume_batch` does the same for several pairs in one batch.
 
   Args:
     moving, fixed: :class:`vmjax.io.Volume` on the same voxel grid.
@@ -281,15 +281,15 @@ def register_scans(model: VxmDense, variables, config, moving, fixed,
     models: the integral of the negated velocity) also ``inverse_disp``, the field that maps the
     fixed scan onto the moving one.
   """
-  return register_scan_pairs(model, variables, config, [(moving, fixed)], instance, inverse,
-                             warp)[0]
+  return register_aligned_volume_batch(model, variables, config, [(moving, fixed)], instance,
+                                       inverse, warp)[0]
 
 
-def register_scan_pairs(model: VxmDense, variables, config, pairs,
-                        instance: InstanceOptimisation | None = None,
-                        inverse: bool = False, warp: bool = True) -> list[dict]:
-  """:func:`register_scans` of several ``(moving, fixed)`` pairs, all on grids of one shape, as
-  one batch: one network call and one field refinement for all of them (each pair's result is
+def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
+                                  instance: InstanceOptimisation | None = None,
+                                  inverse: bool = False, warp: bool = True) -> list[dict]:
+  """:func:`register_aligned_volumes` of several ``(moving, fixed)`` pairs, all on grids of one
+  shape, as one batch: one network call and one field refinement for all of them (each pair's result is
   the one it gets alone, up to rounding). Fine-tuning the network (``instance.target ==
   "network"``) is per pair: those pairs run one at a time. ``warp=False``: the fields alone (no
   ``moved`` / ``moved_seg``). Returns one dict per pair."""
@@ -299,8 +299,8 @@ def register_scan_pairs(model: VxmDense, variables, config, pairs,
   if not pairs:
     return []
   if instance.total_steps > 0 and instance.target == "network" and len(pairs) > 1:
-    return [register_scan_pairs(model, variables, config, [pair], instance, inverse, warp)[0]
-            for pair in pairs]
+    return [register_aligned_volume_batch(model, variables, config, [pair], instance, inverse,
+                                          warp)[0] for pair in pairs]
   for moving, fixed in pairs:
     if moving.image.shape != fixed.image.shape:
       raise ValueError(f"moving {moving.path} {moving.image.shape} and fixed {fixed.path} "

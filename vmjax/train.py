@@ -53,9 +53,10 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   return adam
 
 
-def create_train_state(config, rng: jax.Array, spatial_shape) -> TrainState:
-  """Initialises the model for ``spatial_shape`` volumes and the optimizer."""
-  model = networks.model_from_config(config.model)
+def create_train_state(model: networks.VxmDense, config, rng: jax.Array,
+                       spatial_shape) -> TrainState:
+  """Initialises ``model`` (:func:`vmjax.networks.model_from_config`) for ``spatial_shape``
+  volumes and the optimizer of ``config``."""
   init_rng, state_rng = jax.random.split(rng)
   variables = networks.init_variables(model, init_rng, spatial_shape)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
@@ -80,13 +81,13 @@ def _augmentation_enabled(aug_cfg) -> bool:
   return any(aug_cfg[k] > 0 for k in ("deform_std", "gamma_std", "bias_std", "noise_std"))
 
 
-def make_train_step(config, seg_labels=(), axis_name: str | None = AXIS):
+def make_train_step(model: networks.VxmDense, config, seg_labels=(),
+                    axis_name: str | None = AXIS):
   """``train_step(state, batch) -> (state, metrics)``.
 
   With ``axis_name`` (inside ``jax.pmap``) gradients and metrics are averaged over devices with
   ``lax.pmean``, so N devices with a batch each update like one device with N batches.
   """
-  model = networks.model_from_config(config.model)
   loss_cfg, aug_cfg = config.loss, config.augment
   augmenting = _augmentation_enabled(aug_cfg)
   seg_labels = tuple(seg_labels)
@@ -117,10 +118,9 @@ def make_train_step(config, seg_labels=(), axis_name: str | None = AXIS):
   return train_step
 
 
-def make_eval_step(config, labels):
+def make_eval_step(model: networks.VxmDense, config, labels):
   """``eval_step(params, moving, fixed, moving_seg, fixed_seg) -> metrics`` (jitted, one pair
   batch): image loss, folding fraction, and per-label Dice before and after registration."""
-  model = networks.model_from_config(config.model)
   sim = losses.image_loss(config.loss)
   labels = tuple(labels)
 
@@ -223,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   process, processes = jax.process_index(), jax.process_count()
   local_devices, devices = jax.local_device_count(), jax.device_count()
 
-  model = networks.model_from_config(config.model)
+  model = networks.model_from_config(config.model)  # the run's one model
   backend = jax.default_backend()
   logging.info("platform %s, %s; convolutions: %s", backend,
                build.cpu_model() if backend == "cpu" else jax.devices()[0].device_kind,
@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                devices, local_devices, process, processes, per_device * devices, per_device,
                devices, spatial_shape, len(dataset.sampler.subjects))
 
-  state = create_train_state(config, jax.random.PRNGKey(config.seed), spatial_shape)
+  state = create_train_state(model, config, jax.random.PRNGKey(config.seed), spatial_shape)
   manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"), config)
   best = checkpoints.CheckpointManager(os.path.join(workdir, checkpoints.BEST), config,
                                        best_metric="dice")
@@ -249,9 +249,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     logging.info("no checkpoint in %s: starting from step 0", manager.directory)
 
-  p_step = jax.pmap(make_train_step(config, dataset.labels), axis_name=AXIS,
+  p_step = jax.pmap(make_train_step(model, config, dataset.labels), axis_name=AXIS,
                     donate_argnums=(0,))
-  eval_step = make_eval_step(config, dataset.labels)
+  eval_step = make_eval_step(model, config, dataset.labels)
   # Through an identity pmap so the state already has the sharding p_step returns (else the
   # second step compiles p_step again).
   p_state = jax.pmap(lambda s: s, axis_name=AXIS)(flax.jax_utils.replicate(state))
