@@ -9,10 +9,12 @@
 // Each handler exists for f32 and for bf16 (x, w, y all of that type; oneDNN accumulates in f32;
 // AVX512-BF16 / AMX kernels where the CPU has them: vmjax/conv.py sends bf16 here only then).
 //
-// Three convolution handlers: forward (y = x * w), backward data (dx from dy) and backward
-// weights (dw from x, dy); plus a bf16 forward with an f32 y (a bf16 network's last conv) and
-// SubpixelEpilogue, the native pass of vmjax/conv.py's coarse-grid decoder step. oneDNN picks the kernel (brgemm/AMX on Sapphire Rapids) and the weights' internal
-// layout; weights are reordered from/to dhwio on each call (tiny next to the convolution).
+// One template, ConvPass, serves the three convolution passes: forward (y = x * w), backward
+// data (dx from dy) and backward weights (dw from x, dy), plus a bf16 forward with an f32 y (a
+// bf16 network's last conv); SubpixelEpilogue is the native pass of the coarse-grid decoder step
+// (vmjax/blocks.py). oneDNN picks the kernel (brgemm/AMX on Sapphire Rapids) and the weights'
+// internal layout; weights are reordered from/to dhwio on each call (tiny next to the
+// convolution).
 // Primitives are cached per shape so a training loop builds each one once. XLA may run
 // independent custom calls on several threads at once: executions are serialised (each one
 // already uses every core through OpenMP) and share one user-managed scratchpad.
@@ -25,6 +27,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -152,88 +155,67 @@ memory Scratchpad(const memory::desc& md) {
   return memory(md, Engine(), buffer.data());
 }
 
-template <ffi::DataType T, ffi::DataType TOut = T>
-ffi::Error ConvForward(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<TOut> y,
-                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
-                       ffi::Span<const int64_t> pad_hi) {
+// The three passes of a convolution, one template: each reads two buffers `a`, `b` and writes
+// `out`, in these roles (oneDNN's argument names), the weights in dhwio reordered to and from
+// the primitive's own layout where it differs:
+//   kForward          a = x  (SRC)       b = w  (WEIGHTS)    out = y  (DST)           weights in
+//   kBackwardData     a = dy (DIFF_DST)  b = w  (WEIGHTS)    out = dx (DIFF_SRC)      weights in
+//   kBackwardWeights  a = x  (SRC)       b = dy (DIFF_DST)   out = dw (DIFF_WEIGHTS)  weights out
+enum class Pass { kForward, kBackwardData, kBackwardWeights };
+
+struct Step {
+  dnnl::primitive primitive;
+  memory::desc weights, scratchpad;  // the primitive's weights layout and scratchpad
+  int a_arg, b_arg, out_arg;
+};
+
+template <Pass P>
+Step StepOf(const Plan& p) {
+  if constexpr (P == Pass::kForward)
+    return {p.fwd, p.fwd_pd.weights_desc(), p.fwd_pd.scratchpad_desc(), DNNL_ARG_SRC,
+            DNNL_ARG_WEIGHTS, DNNL_ARG_DST};
+  else if constexpr (P == Pass::kBackwardData)
+    return {p.bwd_data, p.bwd_data_pd.weights_desc(), p.bwd_data_pd.scratchpad_desc(),
+            DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC};
+  else
+    return {p.bwd_w, p.bwd_w_pd.diff_weights_desc(), p.bwd_w_pd.scratchpad_desc(), DNNL_ARG_SRC,
+            DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS};
+}
+
+template <Pass P, ffi::DataType T, ffi::DataType TOut = T>
+ffi::Error ConvPass(ffi::Buffer<T> a, ffi::Buffer<T> b, ffi::ResultBuffer<TOut> out,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                    ffi::Span<const int64_t> pad_hi) {
+  static_assert(P == Pass::kForward || TOut == T, "only the forward pass mixes types");
+  constexpr bool kForward = P == Pass::kForward, kData = P == Pass::kBackwardData;
+  constexpr bool kWeightsOut = P == Pass::kBackwardWeights;
   Geometry g;
-  if (auto err = ReadGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, pad_lo,
-                              pad_hi, OneDnnType<T>(), &g);
+  if (auto err = ReadGeometry(kData ? out->dimensions() : a.dimensions(),          // x
+                              kWeightsOut ? out->dimensions() : b.dimensions(),    // w
+                              kForward ? out->dimensions()
+                                       : (kData ? a.dimensions() : b.dimensions()),  // y
+                              strides, pad_lo, pad_hi, OneDnnType<T>(), &g);
       !err.success())
     return err;
   g.out_type = OneDnnType<TOut>();
   return Guard([&] {
     std::lock_guard<std::mutex> lock(ExecutionMutex());
     Plan* p = GetPlan(g);
+    Step step = StepOf<P>(*p);
     dnnl::engine& eng = Engine();
     dnnl::stream s(eng);
-    memory x_mem(p->x_md, eng, Ptr(x.typed_data()));
-    memory w_user(p->w_md, eng, Ptr(w.typed_data()));
-    memory y_mem(p->y_md, eng, y->typed_data());
-    memory w_mem = w_user;
-    if (p->fwd_pd.weights_desc() != p->w_md) {
-      w_mem = memory(p->fwd_pd.weights_desc(), eng);
-      dnnl::reorder(w_user, w_mem).execute(s, w_user, w_mem);
-    }
-    p->fwd.execute(s, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_WEIGHTS, w_mem}, {DNNL_ARG_DST, y_mem},
-                       {DNNL_ARG_SCRATCHPAD, Scratchpad(p->fwd_pd.scratchpad_desc())}});
-    s.wait();
-  });
-}
-
-template <ffi::DataType T>
-ffi::Error ConvBackwardData(ffi::Buffer<T> dy, ffi::Buffer<T> w, ffi::ResultBuffer<T> dx,
-                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
-                            ffi::Span<const int64_t> pad_hi) {
-  Geometry g;
-  if (auto err = ReadGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides,
-                              pad_lo, pad_hi, OneDnnType<T>(), &g);
-      !err.success())
-    return err;
-  return Guard([&] {
-    std::lock_guard<std::mutex> lock(ExecutionMutex());
-    Plan* p = GetPlan(g);
-    dnnl::engine& eng = Engine();
-    dnnl::stream s(eng);
-    memory dy_mem(p->y_md, eng, Ptr(dy.typed_data()));
-    memory w_user(p->w_md, eng, Ptr(w.typed_data()));
-    memory dx_mem(p->x_md, eng, dx->typed_data());
-    memory w_mem = w_user;
-    if (p->bwd_data_pd.weights_desc() != p->w_md) {
-      w_mem = memory(p->bwd_data_pd.weights_desc(), eng);
-      dnnl::reorder(w_user, w_mem).execute(s, w_user, w_mem);
-    }
-    p->bwd_data.execute(
-        s, {{DNNL_ARG_DIFF_DST, dy_mem}, {DNNL_ARG_WEIGHTS, w_mem}, {DNNL_ARG_DIFF_SRC, dx_mem},
-           {DNNL_ARG_SCRATCHPAD, Scratchpad(p->bwd_data_pd.scratchpad_desc())}});
-    s.wait();
-  });
-}
-
-template <ffi::DataType T>
-ffi::Error ConvBackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<T> dw,
-                               ffi::Span<const int64_t> strides,
-                               ffi::Span<const int64_t> pad_lo,
-                               ffi::Span<const int64_t> pad_hi) {
-  Geometry g;
-  if (auto err = ReadGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides,
-                              pad_lo, pad_hi, OneDnnType<T>(), &g);
-      !err.success())
-    return err;
-  return Guard([&] {
-    std::lock_guard<std::mutex> lock(ExecutionMutex());
-    Plan* p = GetPlan(g);
-    dnnl::engine& eng = Engine();
-    dnnl::stream s(eng);
-    memory x_mem(p->x_md, eng, Ptr(x.typed_data()));
-    memory dy_mem(p->y_md, eng, Ptr(dy.typed_data()));
-    memory dw_user(p->w_md, eng, dw->typed_data());
-    bool reorder = p->bwd_w_pd.diff_weights_desc() != p->w_md;
-    memory dw_mem = reorder ? memory(p->bwd_w_pd.diff_weights_desc(), eng) : dw_user;
-    p->bwd_w.execute(
-        s, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_DIFF_DST, dy_mem}, {DNNL_ARG_DIFF_WEIGHTS, dw_mem},
-           {DNNL_ARG_SCRATCHPAD, Scratchpad(p->bwd_w_pd.scratchpad_desc())}});
-    if (reorder) dnnl::reorder(dw_mem, dw_user).execute(s, dw_mem, dw_user);
+    memory a_mem(kData ? p->y_md : p->x_md, eng, Ptr(a.typed_data()));
+    memory b_mem(kWeightsOut ? p->y_md : p->w_md, eng, Ptr(b.typed_data()));
+    memory out_mem(kForward ? p->y_md : (kData ? p->x_md : p->w_md), eng, out->typed_data());
+    memory w_user = kWeightsOut ? out_mem : b_mem;
+    bool reorder = step.weights != p->w_md;
+    memory w_mem = reorder ? memory(step.weights, eng) : w_user;
+    if (reorder && !kWeightsOut) dnnl::reorder(w_user, w_mem).execute(s, w_user, w_mem);
+    step.primitive.execute(s, {{step.a_arg, a_mem},
+                               {step.b_arg, kWeightsOut ? b_mem : w_mem},
+                               {step.out_arg, kWeightsOut ? w_mem : out_mem},
+                               {DNNL_ARG_SCRATCHPAD, Scratchpad(step.scratchpad)}});
+    if (reorder && kWeightsOut) dnnl::reorder(w_mem, w_user).execute(s, w_mem, w_user);
     s.wait();
   });
 }
@@ -324,34 +306,26 @@ ffi::Error SubpixelEpilogue(ffi::Buffer<T> z, ffi::Buffer<T> s, ffi::Buffer<T> b
 
 }  // namespace
 
-#define VMJAX_CONV_HANDLER(SYMBOL, FUNCTION, TYPE)                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, FUNCTION<ffi::DataType::TYPE>, \
-                                ffi::Ffi::Bind()                       \
-                                    .Arg<ffi::Buffer<ffi::TYPE>>()     \
-                                    .Arg<ffi::Buffer<ffi::TYPE>>()     \
-                                    .Ret<ffi::Buffer<ffi::TYPE>>()     \
-                                    .Attr<ffi::Span<const int64_t>>("strides") \
-                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
-                                    .Attr<ffi::Span<const int64_t>>("pad_hi"));
+#define VMJAX_CONV_HANDLER(SYMBOL, PASS, TYPE, OUT_TYPE)                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                  \
+      SYMBOL, (ConvPass<Pass::PASS, ffi::DataType::TYPE, ffi::DataType::OUT_TYPE>), \
+      ffi::Ffi::Bind()                                                            \
+          .Arg<ffi::Buffer<ffi::TYPE>>()                                          \
+          .Arg<ffi::Buffer<ffi::TYPE>>()                                          \
+          .Ret<ffi::Buffer<ffi::OUT_TYPE>>()                                      \
+          .Attr<ffi::Span<const int64_t>>("strides")                              \
+          .Attr<ffi::Span<const int64_t>>("pad_lo")                               \
+          .Attr<ffi::Span<const int64_t>>("pad_hi"));
 
-VMJAX_CONV_HANDLER(VmjaxConvForward, ConvForward, F32)
-VMJAX_CONV_HANDLER(VmjaxConvBackwardData, ConvBackwardData, F32)
-VMJAX_CONV_HANDLER(VmjaxConvBackwardWeights, ConvBackwardWeights, F32)
-VMJAX_CONV_HANDLER(VmjaxConvForwardBf16, ConvForward, BF16)
-VMJAX_CONV_HANDLER(VmjaxConvBackwardDataBf16, ConvBackwardData, BF16)
-VMJAX_CONV_HANDLER(VmjaxConvBackwardWeightsBf16, ConvBackwardWeights, BF16)
-
+VMJAX_CONV_HANDLER(VmjaxConvForward, kForward, F32, F32)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardData, kBackwardData, F32, F32)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardWeights, kBackwardWeights, F32, F32)
+VMJAX_CONV_HANDLER(VmjaxConvForwardBf16, kForward, BF16, BF16)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardDataBf16, kBackwardData, BF16, BF16)
+VMJAX_CONV_HANDLER(VmjaxConvBackwardWeightsBf16, kBackwardWeights, BF16, BF16)
 // bf16 x and w, f32 y (oneDNN accumulates in f32): a bf16 network's last conv, whose output is
 // the displacement and stays f32.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxConvForwardBf16F32,
-                              (ConvForward<ffi::DataType::BF16, ffi::DataType::F32>),
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+VMJAX_CONV_HANDLER(VmjaxConvForwardBf16F32, kForward, BF16, F32)
 
 #define VMJAX_EPILOGUE_HANDLER(SYMBOL, TYPE)                                    \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, SubpixelEpilogue<ffi::DataType::TYPE>,   \
