@@ -6,7 +6,7 @@ synthetic pairs from a separate seed, with Dice of grey/white-matter masks befor
 Resolution 4 mm (48x64x48) to fit a CPU.
 """
 
-from configs import default
+from vmjax.configs import default
 from vmjax import config_args
 from vmjax import data
 

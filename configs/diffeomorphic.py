@@ -2,7 +2,7 @@
 stationary velocity, integrated with 7 scaling-and-squaring steps at half resolution; the
 image term is symmetric (bidirectional)."""
 
-from configs import default
+from vmjax.configs import default
 from vmjax import config_args
 
 

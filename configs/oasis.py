@@ -8,7 +8,7 @@ fits a CPU; set ``downsample=1`` on a GPU for the full 1 mm grid.
 
 import os
 
-from configs import default
+from vmjax.configs import default
 from vmjax import config_args
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",

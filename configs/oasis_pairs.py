@@ -8,7 +8,7 @@ TMI'19 section IV-C, ``loss.seg_weight``) over the 98 labels of ``labels.txt``.
 ``downsample=2`` (2 mm) on a CPU; ``downsample=1`` on a GPU.
 """
 
-from configs import oasis
+from vmjax.configs import oasis
 from vmjax import config_args
 
 

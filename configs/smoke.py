@@ -1,6 +1,6 @@
 """CI smoke run: tiny volumes (32^3 MNI152 at 6 mm), a few steps, checkpoints every 3."""
 
-from configs import demo
+from vmjax.configs import demo
 from vmjax import config_args
 
 

@@ -1,6 +1,6 @@
 """VoxelMorph-1: as default (VM-2) but decoder [32, 32, 32, 32, 8, 8]."""
 
-from configs import default
+from vmjax.configs import default
 from vmjax import config_args
 
 

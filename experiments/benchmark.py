@@ -110,7 +110,7 @@ def run_vmjax(variant, conv_path, shape, batch, steps, with_train, remat, dtype=
   import jax
   import numpy as np
   import vmjax
-  from configs import default
+  from vmjax.configs import default
   from vmjax import networks
   from vmjax import train
 

@@ -17,12 +17,15 @@ On a TPU pod, SLURM, Open MPI or Kubernetes, ``--config.distributed=True`` inste
 ``jax.distributed.initialize()`` read the cluster's own settings.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from vmjax import cli
+from vmjax import configs
 from vmjax import train
 from vmjax.checks import DataError
 
@@ -47,7 +50,9 @@ def main(argv):
 
 
 def entry_point():
-  """``vmjax-train`` (installed command)."""
+  """``vmjax-train`` (installed command). ``--config=configs/demo.py`` outside a checkout is the
+  shipped config of that name (:func:`vmjax.configs.resolve`)."""
+  sys.argv = configs.resolve_argv(sys.argv)
   cli.run_main(main, __name__, __doc__)
 
 

@@ -43,7 +43,7 @@ def textured_volume(shape, seed=0, batch=1, channels=1):
 
 
 def tiny_config(data_dir=None, **overrides):
-  from configs import default
+  from vmjax.configs import default
   config = default.get_config()
   config.model.enc_features = (4, 8)
   config.model.dec_features = (8, 8, 4)

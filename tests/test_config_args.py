@@ -6,7 +6,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from configs import default
+from vmjax.configs import default
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,3 +65,23 @@ def test_tuple_spellings(arg, expected):
 def test_unknown_key_or_wrong_type_is_one_error_naming_the_key(arg, message):
   with pytest.raises(ValueError, match=message):
     default.get_config(arg)
+
+
+def test_a_config_path_outside_a_checkout_is_the_shipped_config(tmp_path, monkeypatch):
+  from vmjax import configs  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)  # no configs/ here, as after `pip install vmjax`
+  shipped = pathlib.Path(configs.DIR)
+  assert {"default", "demo", "smoke"} <= set(configs.shipped())
+  argv = configs.resolve_argv(["vmjax-train", "--config=configs/smoke.py:steps=3",
+                               "--workdir=w", "--config.seed=2"])
+  assert argv == ["vmjax-train", f"--config={shipped / 'smoke.py'}:steps=3", "--workdir=w",
+                  "--config.seed=2"]
+  assert configs.resolve_argv(["p", "--config", "demo"]) == ["p", "--config",
+                                                            str(shipped / "demo.py")]
+  config = parse_command_line(argv[1])  # loads, and its `from vmjax.configs import ...` works
+  assert config.num_steps == 3
+  # A file of that path here wins; an unknown name stays as typed (the flag then says so).
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "smoke.py").write_text("")
+  assert configs.resolve("configs/smoke.py") == "configs/smoke.py"
+  assert configs.resolve("configs/nope.py") == "configs/nope.py"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from configs import default
+from vmjax.configs import default
 from vmjax import checks
 from vmjax import data
 from vmjax import io

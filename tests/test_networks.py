@@ -174,7 +174,7 @@ def test_bfloat16_computes_in_bf16_with_f32_parameters_and_field():
 
 
 def test_config_dtype_builds_the_model_and_rejects_others():
-  from configs import default
+  from vmjax.configs import default
   config = default.get_config()
   assert networks.model_from_config(config.model).dtype == jnp.float32
   config.model.dtype = "bfloat16"
