@@ -220,8 +220,8 @@ def run_gemm(steps):
 
 def run_native_pair(steps, dtype):
   """``pipeline.register_native_volumes`` with the shipped model on a synthetic 256x256x160
-  native pair: two 1 mm grids, a sagittal-first (ASL-like) orientation, rotated 6 and -4 degrees about
-  different axes and shifted, holding the model's template."""
+  native pair: two 1 mm grids, a sagittal-first (ASL-like) orientation, rotated 6 and -4
+  degrees about different axes and shifted, holding the model's template."""
   import jax
   import numpy as np
   import vmjax

@@ -13,7 +13,7 @@ voxel each fixed voxel samples, minus its own index: moved(x) = moving(x + warp(
 for ``antsApplyTransforms -t``; ``--warp_ants_inverse``: its inverse on the moving grid, for
 diffeomorphic models). ``--affine=none`` registers scans already on one grid.
 After the network, 50 Adam steps refine its field on this pair (``--instance_steps``; 0: the
-network alone, about 4x faster on a CPU, ~0.05 Dice lower on OASIS-TRT-20; see README).
+network alone, about 4x faster on a CPU, ~0.05 Dice lower on OASIS-TRT-20; docs/results.md).
 Errors (bad input, missing model) are one line on stderr and exit code 1; nothing is written.
 
 A whole study (one model load, one compilation per shape, an atlas read and aligned once, the

@@ -32,6 +32,7 @@ def test_failure_keeps_the_previous_file_and_removes_the_temporary(tmp_path):
   assert os.listdir(tmp_path) == ["results.csv"]
 
 
+@pytest.mark.slow
 def test_two_writers_racing_for_one_output_never_mix(tmp_path):
   """Two processes write the same output at once, over and over, in chunks that interleave:
   every reader sees one writer's whole content (never a mix, never a partial file), and no

@@ -133,6 +133,7 @@ def _dice(a, b):
                   for v in labels])
 
 
+@pytest.mark.slow
 def test_a_cohort_registers_every_pair_and_a_bad_subject_is_a_failed_row(trained, tmp_path):
   scans = trained / "scans"
   (tmp_path / "corrupt.nii.gz").write_bytes(b"not a nifti file at all")
@@ -172,6 +173,7 @@ def test_a_cohort_registers_every_pair_and_a_bad_subject_is_a_failed_row(trained
                              atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_killed_cohort_resumes_without_redoing_a_finished_pair(trained, tmp_path, sig):
   scans = trained / "scans"
@@ -211,6 +213,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_split_one_list_and_together_equal_one_process(trained, tmp_path):
   """2 processes x 2 simulated devices: every pair done once, the union of their rows equal to a
   one-process run's (one device)."""
@@ -256,6 +259,7 @@ def test_a_glob_pairs_every_match_with_the_atlas(tmp_path):
     (["--pairs=x.csv", "--outdir=o", "--moved=m.nii.gz"], "one-pair flags"),
     (["--pairs=x.csv", "--outdir=o", "--shard=3/3"], "K/N"),
 ])
+@pytest.mark.slow
 def test_cohort_usage_errors_are_one_clear_message(args, message, tmp_path):
   result = subprocess.run([sys.executable, "-m", "experiments.register", *args], cwd=tmp_path,
                           env=dict(_env(), PYTHONPATH=REPO), capture_output=True, text=True,

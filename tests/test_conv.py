@@ -172,6 +172,7 @@ def test_ineligible_convolutions_fall_back_to_lax():
   assert "vmjax_conv" not in hlo.as_text()
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_network_same_output_and_gradient_on_both_paths():
   """The whole VM-2 with oneDNN convolutions equals the plain-XLA network."""
@@ -198,6 +199,7 @@ def test_network_same_output_and_gradient_on_both_paths():
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * float(jnp.max(jnp.abs(b))) + 1e-9)
 
 
+@pytest.mark.slow
 def test_without_a_compiler_falls_back_to_xla_with_one_warning(tmp_path):
   """A machine that cannot build the kernel (here: a compiler that fails) still runs: one
   warning, XLA's convolution, the same result."""

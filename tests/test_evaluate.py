@@ -95,6 +95,7 @@ def test_batched_evaluation_gives_each_pair_its_own_result():
     evaluation.evaluate_methods({"vmjax": method}, pairs, [1, 2], batch_size=0)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_end_to_end_on_a_tiny_case(tmp_path):
   data_dir = write_subjects(tmp_path / "data", shape=(16, 16, 16))
   train.train_and_evaluate(tiny_config(data_dir, num_steps=2), str(tmp_path / "run"))

@@ -18,6 +18,8 @@ import pytest
 from helpers import write_subjects
 from vmjax import checkpoints
 
+pytestmark = pytest.mark.slow  # two training processes
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
 

@@ -82,6 +82,7 @@ def run_cli(*args):
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_writes_outputs_on_the_fixed_grid_with_labels_from_the_input(trained_workdir,
                                                                          tmp_path):
   shape = (20, 22, 18)
@@ -115,6 +116,7 @@ def test_cli_writes_outputs_on_the_fixed_grid_with_labels_from_the_input(trained
     ("grid", "--affine=none needs both scans on one voxel grid"),
     ("no_checkpoint", "no checkpoints directory in workdir"),
 ])
+@pytest.mark.slow
 def test_cli_bad_inputs_give_one_clear_error(trained_workdir, tmp_path, case, message):
   good = nifti_volume(tmp_path, "good.nii.gz", np.ones((8, 8, 8), np.float32), np.eye(4))
   moving, workdir = good, trained_workdir / "run"

@@ -48,6 +48,7 @@ _PROGRAM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_its_programs_from_the_compilation_cache(tmp_path):
   """Counts compilations, not seconds: the first process compiles and fills the cache, the
   second (same program, same shapes) compiles nothing."""

@@ -164,6 +164,7 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
   assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
 
 
+@pytest.mark.slow
 def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):
   pytest.importorskip("nilearn", reason="configs/smoke.py uses nilearn's MNI152 template "
                       "(pip install -r requirements-demo.txt)")
@@ -189,6 +190,7 @@ def test_smoke_cli_runs_on_4_devices_and_resumes(tmp_path):
   assert "step 7/8" in second.stderr and "step 1/8" not in second.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   result = subprocess.run(
@@ -209,6 +211,7 @@ def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path):
     (["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
      "is not in [0, --num_processes=2)"),
 ])
+@pytest.mark.slow
 def test_cli_rejects_incomplete_multi_process_flags(tmp_path, flags, message):
   workdir = tmp_path / "run"
   result = subprocess.run(

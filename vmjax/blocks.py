@@ -137,8 +137,6 @@ def upsample_concat_conv_block(h: jax.Array, skip: jax.Array, w: jax.Array, b: j
   return (jax.checkpoint(fn) if remat else fn)(h, skip, w, b)
 
 
-
-
 def unet_block(x: jax.Array, w: jax.Array, b: jax.Array, *, stride: int = 1,
                negative_slope: float | None = 0.2, dtype=jnp.float32,
                skip: jax.Array | None = None, out_dtype=None, remat: bool = False) -> jax.Array:

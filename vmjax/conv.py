@@ -193,8 +193,9 @@ def _subpixel_call(z, s, b, slope):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def subpixel_epilogue(z, s, b, slope):
-  """The native pass of :func:`vmjax.blocks.upsample_concat_conv_block` on the oneDNN path: ``leaky_relu(shuffle(z) + s + b, slope)`` (native, CPU): ``z`` ``(B, n1+1, n2+1, n3+1,
-  8*C)`` from the 2x2x2 coarse convolution, ``s``, output ``(B, 2n1, 2n2, 2n3, C)``."""
+  """The native pass of :func:`vmjax.blocks.upsample_concat_conv_block` on the oneDNN path:
+  ``leaky_relu(shuffle(z) + s + b, slope)`` (CPU): ``z`` ``(B, n1+1, n2+1, n3+1, 8*C)`` from the
+  2x2x2 coarse convolution, ``s`` and the output ``(B, 2n1, 2n2, 2n3, C)``."""
   return _subpixel_call(z, s, b, slope)
 
 

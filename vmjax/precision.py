@@ -18,14 +18,14 @@ from vmjax.native import build
 
 DTYPES = ("float32", "bfloat16")
 DTYPE_HELP = ("Convolutions' dtype; default: bfloat16 where it is fast (GPU/TPU, or a CPU with "
-              "AMX / AVX512-BF16 on the oneDNN path), else float32 (README, benchmark).")
+              "AMX / AVX512-BF16 on the oneDNN path), else float32 (docs/performance.md).")
 
 
 def registration_dtype() -> str:
   """What the command lines register in unless told: ``"bfloat16"`` where it is fast (a
   GPU/TPU, or a CPU with AMX / AVX512-BF16 under the oneDNN path), else ``"float32"``. On the
   OASIS-TRT-20 pairs bf16 moved the shipped model's Dice by 0.0003 or less, folding unchanged
-  (README), against 1.6-2.2x less time on an AVX512-BF16 CPU."""
+  (docs/performance.md), against 1.6-2.2x less time on an AVX512-BF16 CPU."""
   if jax.default_backend() != "cpu":
     return "bfloat16"
   return "bfloat16" if build.bf16_isa() and conv.onednn_available() else "float32"

@@ -180,7 +180,7 @@ def normalise_schedule(schedule) -> tuple[tuple[int, int], ...]:
   return tuple(out)
 
 
-# Defaults per target (README's instance-optimisation tables; shipped 1 mm model, bf16 network,
+# Defaults per target (docs/results.md, instance optimisation; shipped 1 mm model, bf16 network,
 # 2-core AMD EPYC, 2026-11-26). "field": chosen on the validation pairs 13->14, 14->15, 15->13
 # (prepared, 1 mm; Dice before 0.615): the smoothness weight 0.25 / 0.1 / 0.05 gave 0.656 /
 # 0.660 / 0.661 after 25 steps with 0.011 / 0.045 / 0.096 % non-positive Jacobian, and 0.1 after
@@ -289,8 +289,8 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
                                   instance: InstanceOptimisation | None = None,
                                   inverse: bool = False, warp: bool = True) -> list[dict]:
   """:func:`register_aligned_volumes` of several ``(moving, fixed)`` pairs, all on grids of one
-  shape, as one batch: one network call and one field refinement for all of them (each pair's result is
-  the one it gets alone, up to rounding). Fine-tuning the network (``instance.target ==
+  shape, as one batch: one network call and one field refinement for all of them (each pair's
+  result is the one it gets alone, up to rounding). Fine-tuning the network (``instance.target ==
   "network"``) is per pair: those pairs run one at a time. ``warp=False``: the fields alone (no
   ``moved`` / ``moved_seg``). Returns one dict per pair."""
   if inverse and model.int_steps == 0:

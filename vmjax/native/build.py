@@ -1,6 +1,6 @@
 """Building and loading vmjax's native CPU kernels (the C++ sources beside this file).
 
-Why they exist (measured, README/docs/performance.md): XLA:CPU runs 3x3x3 convolutions ~10x
+Why they exist (measured: docs/performance.md): XLA:CPU runs 3x3x3 convolutions ~10x
 slower than oneDNN (``onednn_conv.cc``, dispatched by :mod:`vmjax.conv`), and trilinear warps,
 their gradients and NCC's box sums 2-2.5x slower than one OpenMP loop (``resample.cc``,
 dispatched by :mod:`vmjax.kernels`). Both are compiled with the system C++ compiler (``$CXX``,
