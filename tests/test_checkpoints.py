@@ -55,6 +55,7 @@ def test_unfinished_save_is_ignored(tmp_path):
   assert checkpoints.CheckpointManager(str(tmp_path / "ckpt"), config).all_steps() == [1]
 
 
+@pytest.mark.slow
 def test_load_trained_rebuilds_the_model_from_the_workdir(tmp_path):
   data_dir = write_subjects(tmp_path / "data")
   train.train_and_evaluate(tiny_config(data_dir, num_steps=2), str(tmp_path / "run"))
@@ -67,6 +68,7 @@ def test_load_trained_rebuilds_the_model_from_the_workdir(tmp_path):
     checkpoints.load_trained(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_best_validation_checkpoint_is_kept_and_loadable(tmp_path):
   data_dir = write_subjects(tmp_path / "data")
   run = tmp_path / "run"

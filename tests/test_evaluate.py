@@ -58,6 +58,7 @@ def test_label_names_merge_hemispheres():
   assert all(l in freesurfer.LABEL_NAMES for l in freesurfer.VOXELMORPH_LABELS)
 
 
+@pytest.mark.slow
 def test_batched_evaluation_gives_each_pair_its_own_result():
   """Pairs of one grid shape go to a batch-capable method together (at most batch_size,
   consecutive); each pair's Dice and folding are those of the one-pair-at-a-time run."""

@@ -202,7 +202,8 @@ def test_native_scans_register_with_the_shipped_model(shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("target,lr,coarse,steps", [
-    ("field", None, (), 150), ("network", 3e-3, (), 150),
+    ("field", None, (), 150),
+    pytest.param("network", 3e-3, (), 150, marks=pytest.mark.slow),  # fine-tunes the network
     ("field", None, ((4, 60), (2, 60)), 30)])
 def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, steps):
   """The fixed scan is the moving one warped by a known smooth field; starting from a network
@@ -231,6 +232,7 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, 
   assert float(metrics.jacobian_determinant(out["disp"][None]).min()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [0, 10])
 def test_a_batch_of_pairs_registers_each_pair_as_alone(steps):
   """register_aligned_volume_batch (one network call, one refinement for all pairs) gives every

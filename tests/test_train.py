@@ -69,6 +69,7 @@ def test_loss_goes_down_on_a_small_pair():
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     {"loss.bidir": True, "model.int_steps": 3, "model.int_downsize": 2},
     {"loss.image": "mse", "loss.lam": 0.01, "loss.seg_weight": 0.5,
@@ -100,6 +101,7 @@ def params_of(workdir):
   return state, meta
 
 
+@pytest.mark.slow
 def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path):
   data_dir = write_subjects(tmp_path / "data")
   augment = {"augment.deform_std": 1.0, "augment.noise_std": 0.01}
@@ -131,6 +133,7 @@ def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path):
   assert any('"train/loss"' in l for l in lines) and any('"val/dice"' in l for l in lines)
 
 
+@pytest.mark.slow
 def test_a_run_builds_its_model_once(tmp_path, monkeypatch):
   data_dir = write_subjects(tmp_path / "data")
   config = tiny_config(data_dir, num_steps=2, checkpoint_every=2, eval_every=2)
@@ -146,6 +149,7 @@ def test_a_run_builds_its_model_once(tmp_path, monkeypatch):
   assert len(built) == 1 and "dice" in summary  # train, eval, figure: one model
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
   data_dir = write_subjects(tmp_path / "data")
   config = tiny_config(data_dir, num_steps=10_000, checkpoint_every=10_000, eval_every=10_000)
@@ -223,6 +227,7 @@ def test_cli_rejects_incomplete_multi_process_flags(tmp_path, flags, message):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_the_run_stops_after_its_patience(tmp_path,
                                                                             monkeypatch):
   data_dir = write_subjects(tmp_path / "data")

@@ -198,7 +198,14 @@ def model_from_config(model_cfg) -> VxmDense:
 def init_variables(model: VxmDense, rng: jax.Array, spatial_shape, channels: int = 1):
   """Initialises ``model`` for volumes of ``spatial_shape`` with ``channels`` channels each."""
   dummy = jnp.zeros((1, *spatial_shape, channels), jnp.float32)
-  return jax.jit(model.init)(rng, dummy, dummy)
+  return _init(model, rng, dummy)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _init(model: VxmDense, rng: jax.Array, dummy: jax.Array):
+  # One compiled program per (model, shape): XLA:CPU takes ~8 s to compile the initialisers of
+  # even a tiny U-Net (the truncated normals), so a second init of the same model reuses it.
+  return model.init(rng, dummy, dummy)
 
 
 def count_params(tree) -> int:
