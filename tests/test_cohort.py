@@ -94,7 +94,7 @@ def trained(tmp_path_factory):
   affine = np.diag([1.5, 1.0, 2.0, 1.0])
   scans = root / "scans"
   scans.mkdir()
-  for i in range(6):
+  for i in range(12):
     image = textured_volume(shape, seed=10 + i)[0, ..., 0]
     nib.save(nib.Nifti1Image(image, affine), str(scans / f"s{i}.nii.gz"))
     nib.save(nib.Nifti1Image(np.digitize(image, [0.4, 0.6]).astype(np.int16), affine),
@@ -177,8 +177,10 @@ def test_a_cohort_registers_every_pair_and_a_bad_subject_is_a_failed_row(trained
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_killed_cohort_resumes_without_redoing_a_finished_pair(trained, tmp_path, sig):
   scans = trained / "scans"
+  # Ten pairs: the kill lands while most are still to do, however fast a tiny pair registers.
+  expected = sorted(f"s{i}" for i in range(1, 11))
   pairs = _pair_list(trained, tmp_path / "pairs.csv",
-                     [(str(scans / f"s{i}.nii.gz"), None) for i in range(1, 5)])
+                     [(str(scans / f"{n}.nii.gz"), None) for n in expected])
   out = tmp_path / "out"
   proc = subprocess.Popen(_command(trained, pairs, out), cwd=REPO, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -189,7 +191,7 @@ def test_a_killed_cohort_resumes_without_redoing_a_finished_pair(trained, tmp_pa
   proc.send_signal(sig)
   stderr = proc.communicate(timeout=300)[1]
   first = {r["name"]: r for r in _rows(out)}
-  assert 1 <= len(first) < 4, stderr[-2000:]
+  assert 1 <= len(first) < len(expected), stderr[-2000:]
   if sig == signal.SIGTERM:
     assert proc.returncode == 128 + signal.SIGTERM and "run the same command again" in stderr
   stamps = {n: os.path.getmtime(out / n / "warp.nii.gz") for n in first}
@@ -198,7 +200,7 @@ def test_a_killed_cohort_resumes_without_redoing_a_finished_pair(trained, tmp_pa
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   rows = _rows(out)
   names = [r["name"] for r in rows]
-  assert sorted(names) == [f"s{i}" for i in range(1, 5)]  # each pair once: none redone
+  assert sorted(names) == expected  # each pair once: none redone
   assert all(r["status"] == "ok" for r in rows)
   assert {n: os.path.getmtime(out / n / "warp.nii.gz") for n in first} == stamps
   for name in names:  # every output complete and readable, no temporary file left
