@@ -19,10 +19,11 @@ def shipped() -> list[str]:
 
 
 def resolve(path: str) -> str:
-  """``path`` when it is a file; else the shipped config of its name (``configs/demo.py``,
-  ``demo.py`` and ``demo`` all name it); else ``path`` unchanged (the flag then says it is
-  missing)."""
-  if os.path.isfile(path):
+  """``path`` when it is a file; else, when it names a shipped config as README does
+  (``configs/demo.py``, ``demo.py`` or ``demo``), that config's file; else ``path`` unchanged
+  (the flag then says it is missing: a mistyped path to a config of one's own, such as
+  ``myconfigs/demo.py``, is never swapped for a shipped one)."""
+  if os.path.isfile(path) or os.path.dirname(path) not in ("", "configs"):
     return path
   name = os.path.basename(path)
   candidate = os.path.join(DIR, name if name.endswith(".py") else name + ".py")

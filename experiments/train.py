@@ -17,6 +17,7 @@ On a TPU pod, SLURM, Open MPI or Kubernetes, ``--config.distributed=True`` inste
 ``jax.distributed.initialize()`` read the cluster's own settings.
 """
 
+import os
 import sys
 
 from absl import app
@@ -42,11 +43,18 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.INFO)
   cli.initialize_distributed("on a pod or cluster use --config.distributed=True")
+
+  def run():
+    path = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]  # minus :ARG
+    if not os.path.isfile(path):  # config_flags would say so only later, in a traceback
+      raise DataError(f"--config: no such file {path} (shipped configs: "
+                      f"{', '.join(configs.shipped())})")
+    logging.info("config %s", path)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
   # Bad data or settings (found before the first step) are one line; anything that goes wrong
   # later (a diverging run, a crash) keeps its traceback.
-  cli.run_reporting_errors("vmjax-train",
-                           lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir),
-                           errors=(DataError, FileNotFoundError))
+  cli.run_reporting_errors("vmjax-train", run, errors=(DataError, FileNotFoundError))
 
 
 def entry_point():

@@ -85,3 +85,4 @@ def test_a_config_path_outside_a_checkout_is_the_shipped_config(tmp_path, monkey
   (tmp_path / "configs" / "smoke.py").write_text("")
   assert configs.resolve("configs/smoke.py") == "configs/smoke.py"
   assert configs.resolve("configs/nope.py") == "configs/nope.py"
+  assert configs.resolve("myconfigs/demo.py") == "myconfigs/demo.py"  # not a shipped one's path

@@ -210,6 +210,22 @@ def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
+def test_cli_names_a_missing_config_file_in_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=configs/nope.py:steps=2",
+       f"--workdir={workdir}"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+  assert len(errors) == 1 and errors[0].startswith(
+      "vmjax-train: error: --config: no such file configs/nope.py (shipped configs: "), errors
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num_processes=2", "--process_id=1"], "need --coordinator_address"),
     (["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
