@@ -99,3 +99,68 @@ def test_the_default_functions_take_the_native_path_on_the_cpu():
   assert "vmjax_trilinear" in hlo
   x = jnp.ones((1, 6, 6, 6, 1))
   assert "vmjax_box_sum" in jax.jit(lambda a: losses.ncc_loss(a, a)).lower(x).as_text()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5, 3), (2, 1, 6, 2, 1), (1, 8, 7, 9, 2)])
+def test_upsample2_matches_jax_image_resize_and_its_transpose(shape):
+  x = jnp.asarray(np.random.default_rng(7).normal(size=shape).astype(np.float32))
+  big = (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], shape[4])
+  reference = jax.image.resize(x, big, method="linear")
+  native = jax.jit(kernels.upsample2)(x)
+  np.testing.assert_allclose(native, reference, atol=1e-5)
+  # The gradient is the transpose: <up(x), g> == <x, up^T(g)> for any g, and equals XLA's.
+  g = jnp.asarray(np.random.default_rng(8).normal(size=big).astype(np.float32))
+  grad_native = jax.jit(jax.grad(lambda x: jnp.sum(g * kernels.upsample2(x))))(x)
+  grad_xla = jax.grad(lambda x: jnp.sum(g * jax.image.resize(x, big, method="linear")))(x)
+  np.testing.assert_allclose(grad_native, grad_xla, atol=1e-4)
+  np.testing.assert_allclose(float(jnp.sum(native * g)), float(jnp.sum(x * grad_native)),
+                             rtol=1e-5)
+
+
+def test_resize_field_by_two_takes_the_native_path_with_resize_values():
+  disp = jnp.asarray(np.random.default_rng(9).normal(size=(1, 4, 5, 3, 3)).astype(np.float32))
+  hlo = jax.jit(lambda d: transforms.resize_field(d, (8, 10, 6))).lower(disp).as_text()
+  assert "vmjax_upsample2" in hlo
+  expected = jax.image.resize(disp, (1, 8, 10, 6, 3), method="linear") * 2.0
+  np.testing.assert_allclose(transforms.resize_field(disp, (8, 10, 6)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 6, 7), (2, 3, 1, 4), (1, 9, 4, 6)])
+def test_compose_self_matches_compose_and_its_gradient(shape):
+  rng = np.random.default_rng(10)
+  # Displacements up to ~2x the volume: samples inside, on the edges and far outside (clamped).
+  u = rng.normal(scale=max(shape[1:]) * 0.6, size=(*shape, 3)).astype(np.float32)
+  u[:, 0, 0, 0] = [0.0, 0.0, 0.0]
+  u[:, -1, -1, -1] = [40.0, -35.0, 0.5]
+  u = jnp.asarray(u)
+  reference = transforms.compose(u, u)
+  native = jax.jit(kernels.compose_self)(u)
+  np.testing.assert_allclose(native, reference, atol=1e-4)
+  g = jnp.asarray(rng.normal(size=u.shape).astype(np.float32))
+  grad_native = jax.jit(jax.grad(lambda u: jnp.sum(g * jnp.sin(kernels.compose_self(u)))))(u)
+  grad_xla = jax.grad(lambda u: jnp.sum(g * jnp.sin(transforms.compose(u, u))))(u)
+  # float32 rounding of sums of ~8 terms of size ~|u| (here up to ~40), amplified by sin.
+  np.testing.assert_allclose(grad_native, grad_xla, atol=5e-4)
+
+
+def test_compose_self_gradient_matches_finite_differences():
+  # A smooth small field (no sample crosses a voxel boundary under the perturbation).
+  rng = np.random.default_rng(11)
+  u = jnp.asarray(rng.uniform(0.2, 0.3, size=(1, 4, 5, 4, 3)).astype(np.float32))
+  f = lambda u: jnp.sum(kernels.compose_self(u) ** 2)
+  grad = jax.grad(f)(u)
+  eps = 1e-2
+  for index in [(0, 0, 0, 0, 0), (0, 1, 2, 1, 1), (0, 2, 3, 2, 2), (0, 3, 4, 3, 0)]:
+    step = jnp.zeros_like(u).at[index].set(eps)
+    numeric = (f(u + step) - f(u - step)) / (2 * eps)
+    np.testing.assert_allclose(grad[index], numeric, rtol=2e-2, atol=1e-3)
+
+
+def test_integration_takes_the_native_squaring_on_the_cpu():
+  v = jnp.asarray(np.random.default_rng(12).normal(size=(1, 6, 5, 4, 3)).astype(np.float32))
+  hlo = jax.jit(lambda v: transforms.integrate_velocity(v, 5)).lower(v).as_text()
+  assert "vmjax_compose_self" in hlo
+  reference = v / 32.0
+  for _ in range(5):
+    reference = transforms.compose(reference, reference)
+  np.testing.assert_allclose(transforms.integrate_velocity(v, 5), reference, atol=1e-5)

@@ -77,8 +77,12 @@ def ncc_loss(fixed: jax.Array, moved: jax.Array, window: int = 9) -> jax.Array:
   f = fixed.astype(jnp.float32)
   m = moved.astype(jnp.float32)
   c = f.shape[-1]
-  sums = box_sum(jnp.concatenate([f, m, f * f, m * m, f * m], axis=-1), window)
-  sum_f, sum_m, sum_ff, sum_mm, sum_fm = (sums[..., i * c:(i + 1) * c] for i in range(5))
+  # Two calls: in a gradient with respect to the moved image (and in a loop over a fixed scan)
+  # the fixed scan's sums are constants, so XLA prunes their backward pass (and hoists them).
+  fixed_sums = box_sum(jnp.concatenate([f, f * f], axis=-1), window)
+  sum_f, sum_ff = fixed_sums[..., :c], fixed_sums[..., c:]
+  sums = box_sum(jnp.concatenate([m, m * m, f * m], axis=-1), window)
+  sum_m, sum_mm, sum_fm = (sums[..., i * c:(i + 1) * c] for i in range(3))
   n = float(window ** 3)
   cross = sum_fm - sum_f * sum_m / n
   var_f = jnp.maximum(sum_ff - sum_f * sum_f / n, 0.0)

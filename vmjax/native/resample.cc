@@ -10,9 +10,17 @@
 //   VmjaxTrilinearGradCoords(image, coords, g (B, D, H, W, C)) -> d_coords (B, D, H, W, 3)
 //   VmjaxTrilinearGradImage(image, coords, g) -> d_image (B, Di, Hi, Wi, C)  (the scatter-add;
 //     each thread accumulates into its own buffer, summed in a fixed order: deterministic for a
-//     given thread count)
+//     given thread count; ScatterInParallel)
 //   VmjaxBoxSum(x (B, D, H, W, C)) -> y: the sum over a window^3 cube around each voxel, zero
 //     padded (attr window, odd). Separable: a pass along D, then H and W per (b, d) slab.
+//   VmjaxUpsample2(x (B, D, H, W, C)) -> y (B, 2D, 2H, 2W, C): linear resampling to twice the
+//     size, jax.image.resize(method="linear")'s values (half-pixel centres: output 2i samples
+//     i - 1/4, output 2i + 1 samples i + 1/4; the edge voxels extended).
+//   VmjaxUpsample2T(g (B, 2D, 2H, 2W, C)) -> x (B, D, H, W, C): its transpose (the gradient).
+//   VmjaxComposeSelf(u (B, D, H, W, 3)) -> u(x) + u(x + u(x)): one squaring of scaling and
+//     squaring (trilinear, indices clamped to the field), without the coordinates in memory.
+//   VmjaxComposeSelfGrad(u, g) -> d_u: its gradient, the coordinate and the scattered image
+//     parts in one pass (ScatterInParallel).
 
 #include <algorithm>
 #include <cmath>
@@ -179,6 +187,35 @@ ffi::Error TrilinearGradCoords(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
+// A scatter-add in parallel: calls f(acc, i) for i in [0, n), each thread over its own
+// contiguous range with `acc` its own zeroed buffer of `total` floats (thread 0's is `out`),
+// then sums the buffers into `out` in a fixed order (deterministic for a given thread count).
+template <typename F>
+void ScatterInParallel(float* out, int64_t total, int64_t n, F&& f) {
+  const int threads = std::max(1, omp_get_max_threads());
+  std::vector<std::vector<float>> partial(threads - 1);
+  std::fill(out, out + total, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    float* acc = out;
+    if (t > 0) {
+      partial[t - 1].assign(total, 0.0f);
+      acc = partial[t - 1].data();
+    }
+    const int64_t chunk = (n + threads - 1) / threads;
+    const int64_t begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
+    for (int64_t i = begin; i < end; ++i) f(acc, i);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < total; ++i) {
+      float sum = out[i];
+      for (int u = 0; u < threads - 1; ++u) sum += partial[u][i];
+      out[i] = sum;
+    }
+  }
+}
+
 ffi::Error TrilinearGradImage(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32> coords,
                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> d_image,
                               int64_t mode) {
@@ -190,42 +227,17 @@ ffi::Error TrilinearGradImage(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32>
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
   const int64_t total = s.b * per_item;
   const bool nearest = mode == 1;
-  const int threads = std::max(1, omp_get_max_threads());
-  // Thread 0 accumulates into the output, the others into their own buffers; then summed.
-  std::vector<std::vector<float>> partial(threads - 1);
-  std::fill(di, di + total, 0.0f);
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num();
-    float* acc = di;
-    if (t > 0) {
-      partial[t - 1].assign(total, 0.0f);
-      acc = partial[t - 1].data();
-    }
-    const int64_t n = s.b * s.out;
-    const int64_t chunk = (n + threads - 1) / threads;
-    const int64_t begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
-    for (int64_t bx = begin; bx < end; ++bx) {
-      const int64_t b = bx / s.out;
-      const float* gv = gp + bx * s.c;
-      float* base = acc + b * per_item;
-      ForEachCorner(s, MakeAxes(s, cp + bx * 3, nearest),
-                    [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
-        const float w = w0 * w1 * w2;
-        if (w == 0.0f) return;
-        float* v = base + offset;
-        for (int64_t k = 0; k < s.c; ++k) v[k] += w * gv[k];
-      });
-    }
-#pragma omp barrier
-    // Sum the other threads' buffers into the output, split over the image.
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < total; ++i) {
-      float sum = di[i];
-      for (int u = 0; u < threads - 1; ++u) sum += partial[u][i];
-      di[i] = sum;
-    }
-  }
+  ScatterInParallel(di, s.b * per_item, s.b * s.out, [&](float* acc, int64_t bx) {
+    const float* gv = gp + bx * s.c;
+    float* base = acc + (bx / s.out) * per_item;
+    ForEachCorner(s, MakeAxes(s, cp + bx * 3, nearest),
+                  [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
+      const float w = w0 * w1 * w2;
+      if (w == 0.0f) return;
+      float* v = base + offset;
+      for (int64_t k = 0; k < s.c; ++k) v[k] += w * gv[k];
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -284,6 +296,194 @@ ffi::Error BoxSum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_
   return ffi::Error::Success();
 }
 
+// One axis of the x2 linear upsampling: in (outer, n, inner) -> out (outer, 2n, inner).
+inline void UpRows(const float* in, float* out, int64_t o, int64_t n, int64_t inner) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* __restrict__ a = in + (o * n + i) * inner;
+    const float* __restrict__ prev = in + (o * n + std::max<int64_t>(i - 1, 0)) * inner;
+    const float* __restrict__ next = in + (o * n + std::min<int64_t>(i + 1, n - 1)) * inner;
+    float* __restrict__ even = out + (o * 2 * n + 2 * i) * inner;
+    float* __restrict__ odd = even + inner;
+#pragma omp simd
+    for (int64_t k = 0; k < inner; ++k) {
+      even[k] = 0.75f * a[k] + 0.25f * prev[k];
+      odd[k] = 0.75f * a[k] + 0.25f * next[k];
+    }
+  }
+}
+
+// The transpose of UpRows: g (outer, 2n, inner) -> out (outer, n, inner); input i received
+// outputs 2i - 1, 2i, 2i + 1, 2i + 2 (weights 1/4, 3/4, 3/4, 1/4; clamped at the edges).
+inline void UpRowsT(const float* g, float* out, int64_t o, int64_t n, int64_t inner) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* __restrict__ g0 = g + (o * 2 * n + std::max<int64_t>(2 * i - 1, 0)) * inner;
+    const float* __restrict__ g1 = g + (o * 2 * n + 2 * i) * inner;
+    const float* __restrict__ g2 = g1 + inner;
+    const float* __restrict__ g3 = g + (o * 2 * n + std::min<int64_t>(2 * i + 2, 2 * n - 1)) * inner;
+    float* __restrict__ x = out + (o * n + i) * inner;
+#pragma omp simd
+    for (int64_t k = 0; k < inner; ++k) x[k] = 0.75f * (g1[k] + g2[k]) + 0.25f * (g0[k] + g3[k]);
+  }
+}
+
+// x (B, D, H, W, C) -> y (B, 2D, 2H, 2W, C): each (b, d) plane upsampled along W then H into
+// `planes` (B, D, 2H, 2W, C), then along D into y (blocks of 4096 floats of a plane).
+void Upsample2Loop(const float* x, float* y, int64_t nb, int64_t nd, int64_t nh, int64_t nw,
+                   int64_t nc) {
+  const int64_t small = nh * nw * nc, big = 4 * small;  // one plane before / after H and W
+  std::vector<float> planes(nb * nd * big);
+#pragma omp parallel
+  {
+    std::vector<float> buf(nh * 2 * nw * nc);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t d = 0; d < nd; ++d) {
+        const float* in = x + (b * nd + d) * small;
+        for (int64_t h = 0; h < nh; ++h) UpRows(in, buf.data(), h, nw, nc);
+        UpRows(buf.data(), planes.data() + (b * nd + d) * big, 0, nh, 2 * nw * nc);
+      }
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t c = 0; c < big; c += 4096)
+        for (int64_t i = 0; i < nd; ++i) {
+          const int64_t len = std::min<int64_t>(4096, big - c);
+          const float* __restrict__ a = planes.data() + (b * nd + i) * big + c;
+          const float* __restrict__ prev = planes.data() + (b * nd + std::max<int64_t>(i - 1, 0)) * big + c;
+          const float* __restrict__ next = planes.data() + (b * nd + std::min<int64_t>(i + 1, nd - 1)) * big + c;
+          float* __restrict__ even = y + (b * 2 * nd + 2 * i) * big + c;
+          float* __restrict__ odd = even + big;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) {
+            even[k] = 0.75f * a[k] + 0.25f * prev[k];
+            odd[k] = 0.75f * a[k] + 0.25f * next[k];
+          }
+        }
+  }
+}
+
+// The transpose of Upsample2Loop, y (B, 2D, 2H, 2W, C) -> x (B, D, H, W, C): along D into
+// `planes`, then along H and W per plane.
+void Upsample2TLoop(const float* y, float* x, int64_t nb, int64_t nd, int64_t nh, int64_t nw,
+                    int64_t nc) {
+  const int64_t small = nh * nw * nc, big = 4 * small;
+  std::vector<float> planes(nb * nd * big);
+#pragma omp parallel
+  {
+    std::vector<float> buf(nh * 2 * nw * nc);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t c = 0; c < big; c += 4096)
+        for (int64_t i = 0; i < nd; ++i) {
+          const int64_t len = std::min<int64_t>(4096, big - c);
+          const float* base = y + b * 2 * nd * big + c;
+          const float* __restrict__ g0 = base + std::max<int64_t>(2 * i - 1, 0) * big;
+          const float* __restrict__ g1 = base + 2 * i * big;
+          const float* __restrict__ g2 = g1 + big;
+          const float* __restrict__ g3 = base + std::min<int64_t>(2 * i + 2, 2 * nd - 1) * big;
+          float* __restrict__ p = planes.data() + (b * nd + i) * big + c;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) p[k] = 0.75f * (g1[k] + g2[k]) + 0.25f * (g0[k] + g3[k]);
+        }
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t d = 0; d < nd; ++d) {
+        UpRowsT(planes.data() + (b * nd + d) * big, buf.data(), 0, nh, 2 * nw * nc);
+        float* out = x + (b * nd + d) * small;
+        for (int64_t h = 0; h < nh; ++h) UpRowsT(buf.data(), out, h, nw, nc);
+      }
+  }
+}
+
+ffi::Error Upsample2(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  auto d = x.dimensions();
+  if (d.size() != 5)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax upsample2: x (B, D, H, W, C)");
+  Upsample2Loop(x.typed_data(), y->typed_data(), d[0], d[1], d[2], d[3], d[4]);
+  return ffi::Error::Success();
+}
+
+ffi::Error Upsample2T(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> x) {
+  auto d = x->dimensions();
+  auto e = g.dimensions();
+  if (d.size() != 5 || e.size() != 5 || e[0] != d[0] || e[4] != d[4] || e[1] != 2 * d[1] ||
+      e[2] != 2 * d[2] || e[3] != 2 * d[3])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax upsample2 transpose: g (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)");
+  Upsample2TLoop(g.typed_data(), x->typed_data(), d[0], d[1], d[2], d[3], d[4]);
+  return ffi::Error::Success();
+}
+
+// Calls f(x, p) for every voxel x of a (D, H, W) grid, p = x's index + u[x] (3 floats).
+template <typename F>
+inline void ForVoxel(int64_t x, int64_t nh, int64_t nw, const float* u, F&& f) {
+  const int64_t w = x % nw, h = (x / nw) % nh, d = x / (nw * nh);
+  const float p[3] = {static_cast<float>(d) + u[0], static_cast<float>(h) + u[1],
+                      static_cast<float>(w) + u[2]};
+  f(p);
+}
+
+ffi::Error ComposeSelf(ffi::Buffer<ffi::F32> field, ffi::ResultBuffer<ffi::F32> out) {
+  auto dm = field.dimensions();
+  if (dm.size() != 5 || dm[4] != 3)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax compose: u (B, D, H, W, 3)");
+  const Shapes s = {dm[0], dm[1], dm[2], dm[3], 3, dm[1] * dm[2] * dm[3]};
+  const float* u = field.typed_data();
+  float* o = out->typed_data();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < s.b; ++b)
+    for (int64_t x = 0; x < s.out; ++x) {
+      const float* base = u + b * s.out * 3;
+      const float* ux = base + x * 3;
+      ForVoxel(x, s.hi, s.wi, ux, [&](const float* p) {
+        float acc[3] = {ux[0], ux[1], ux[2]};
+        ForEachCorner(s, MakeAxes(s, p, true), [&](int64_t offset, float w0, float w1, float w2,
+                                                   float, float, float) {
+          const float wt = w0 * w1 * w2;
+          for (int k = 0; k < 3; ++k) acc[k] += wt * base[offset + k];
+        });
+        float* ov = o + (b * s.out + x) * 3;
+        for (int k = 0; k < 3; ++k) ov[k] = acc[k];
+      });
+    }
+  return ffi::Error::Success();
+}
+
+ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
+                           ffi::ResultBuffer<ffi::F32> d_field) {
+  auto dm = field.dimensions();
+  if (dm.size() != 5 || dm[4] != 3)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax compose grad: u (B, D, H, W, 3)");
+  const Shapes s = {dm[0], dm[1], dm[2], dm[3], 3, dm[1] * dm[2] * dm[3]};
+  const float* u = field.typed_data();
+  const float* gp = g.typed_data();
+  float* du = d_field->typed_data();
+  ScatterInParallel(du, s.b * s.out * 3, s.b * s.out, [&](float* acc, int64_t bx) {
+    const int64_t b = bx / s.out;
+    const float* base = u + b * s.out * 3;
+    float* abase = acc + b * s.out * 3;
+    const float* gv = gp + bx * 3;
+    ForVoxel(bx - b * s.out, s.hi, s.wi, u + bx * 3, [&](const float* p) {
+      float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
+      ForEachCorner(s, MakeAxes(s, p, true), [&](int64_t offset, float w0, float w1, float w2,
+                                                 float d0, float d1, float d2) {
+        const float* v = base + offset;
+        const float gdotv = gv[0] * v[0] + gv[1] * v[1] + gv[2] * v[2];
+        t0 += gdotv * d0 * w1 * w2;
+        t1 += gdotv * w0 * d1 * w2;
+        t2 += gdotv * w0 * w1 * d2;
+        const float wt = w0 * w1 * w2;
+        float* a = abase + offset;
+        for (int k = 0; k < 3; ++k) a[k] += wt * gv[k];
+      });
+      float* a = acc + bx * 3;  // the direct term and the coordinate term at x itself
+      a[0] += gv[0] + t0;
+      a[1] += gv[1] + t1;
+      a[2] += gv[2] + t2;
+    });
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxTrilinear, Trilinear,
@@ -311,3 +511,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxBoxSum, BoxSum,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window"));
+
+// The x2 upsampling and its transpose take one buffer and return one.
+#define VMJAX_UNARY_HANDLER(SYMBOL, FUNCTION)                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, FUNCTION,                                        \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+VMJAX_UNARY_HANDLER(VmjaxUpsample2, Upsample2)
+VMJAX_UNARY_HANDLER(VmjaxUpsample2T, Upsample2T)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxComposeSelf, ComposeSelf,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxComposeSelfGrad, ComposeSelfGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
