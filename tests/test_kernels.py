@@ -164,3 +164,20 @@ def test_integration_takes_the_native_squaring_on_the_cpu():
   for _ in range(5):
     reference = transforms.compose(reference, reference)
   np.testing.assert_allclose(transforms.integrate_velocity(v, 5), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (2, 9, 4, 3, 1)])
+def test_mean_matches_numpy_in_float64_and_its_gradient(shape):
+  x = np.random.default_rng(13).normal(loc=3.0, size=shape).astype(np.float32)
+  native = jax.jit(kernels.mean)(jnp.asarray(x))
+  np.testing.assert_allclose(float(native), np.mean(x.astype(np.float64)), rtol=1e-6)
+  grad = jax.grad(lambda x: kernels.mean(jnp.sin(x)))(jnp.asarray(x))
+  np.testing.assert_allclose(grad, np.cos(x) / x.size, rtol=1e-5, atol=1e-8)
+
+
+def test_the_losses_take_the_mean_apart_on_the_cpu():
+  x = jnp.asarray(np.random.default_rng(14).normal(size=(1, 6, 7, 5, 1)).astype(np.float32))
+  y = x + 0.3 * jnp.asarray(np.random.default_rng(15).normal(size=x.shape).astype(np.float32))
+  assert "vmjax_sum" in jax.jit(lambda a, b: losses.ncc_loss(a, b)).lower(x, y).as_text()
+  np.testing.assert_allclose(float(losses.mse_loss(x, y)),
+                             np.mean((np.asarray(x, np.float64) - np.asarray(y)) ** 2), rtol=1e-5)
