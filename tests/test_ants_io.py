@@ -34,6 +34,24 @@ def test_a_voxel_shift_is_its_world_vector_in_lps(tmp_path):
   np.testing.assert_allclose(np.asarray(img.dataobj)[2, 3, 1, 0], [-2.0, 6.0, 0.0], atol=1e-6)
 
 
+def test_world_displacement_is_the_float64_difference_of_world_points():
+  # Rotated, anisotropic, sheared grids far from the scanner's origin: q - p from the full
+  # float64 points V_m (x + u) and V_f x, per voxel (a numpy reference written out).
+  rng = np.random.default_rng(7)
+  fixed_affine = np.eye(4)
+  fixed_affine[:3] = np.c_[rng.normal(size=(3, 3)) + np.diag([0.9, 1.2, 1.4]), [-120, 95, 310]]
+  moving_affine = np.eye(4)
+  moving_affine[:3] = np.c_[rng.normal(size=(3, 3)) + np.diag([1.1, 0.8, 1.3]), [140, -80, -60]]
+  fixed, moving = volume((7, 6, 5), fixed_affine, 4), volume((8, 7, 6), moving_affine, 5)
+  disp = (smooth_field((7, 6, 5), amplitude=3.0, seed=6)[0] + 0.5).astype(np.float32)
+  got = ants_io.world_displacement(disp, fixed, moving, flip=ants_io.RAS_TO_LPS)
+  flip = np.array([-1.0, -1.0, 1.0])
+  for x in [(0, 0, 0), (6, 5, 4), (3, 1, 2), (2, 4, 0)]:
+    p = fixed_affine @ np.r_[x, 1.0]
+    q = moving_affine @ np.r_[np.asarray(x, np.float64) + disp[x], 1.0]
+    np.testing.assert_allclose(got[x], flip * (q - p)[:3], atol=2e-4)
+
+
 def test_round_trip_between_grids_through_the_ants_file(tmp_path):
   fixed, moving = volume((10, 9, 11), FIXED_AFFINE, 1), volume((12, 10, 9), MOVING_AFFINE, 2)
   disp = smooth_field((10, 9, 11), amplitude=2.0, seed=3)[0] + 1.5

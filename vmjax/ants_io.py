@@ -45,16 +45,36 @@ def itk_geometry(affine: np.ndarray) -> tuple[list, list, np.ndarray]:
           RAS_TO_LPS[:, None] * (linear / spacing))
 
 
-def world_displacement(disp: np.ndarray, fixed: Volume, moving: Volume) -> np.ndarray:
-  """``q - p`` in RAS mm, ``(D, H, W, 3)``, for a voxel field ``disp`` on the fixed grid."""
-  grid = index_grid(disp.shape)
-  return (_apply(moving.affine, grid + disp) - _apply(fixed.affine, grid)).astype(np.float32)
+def world_displacement(disp: np.ndarray, fixed: Volume, moving: Volume,
+                       flip: np.ndarray | None = None) -> np.ndarray:
+  """``q - p`` in RAS mm, ``(D, H, W, 3)`` float32, for a voxel field ``disp`` on the fixed grid
+  (``flip``: a per-component sign applied to the result, e.g. :data:`RAS_TO_LPS`).
+
+  Computed as ``M_m u + (M_m - M_f) x + (t_m - t_f)`` (``M``, ``t`` the affines' linear parts
+  and translations): no millimetre coordinates of the size of the scanner's origin cancel, so
+  float32 rounds only the result (1e-4 mm at 600 mm) where the float64 difference of
+  ``V_m (x + u)`` and ``V_f x`` took a 256x256x160 field 5x as long (2.4 s); the voxel index
+  enters per axis, broadcast, never as a grid."""
+  flip = np.ones(3) if flip is None else np.asarray(flip, np.float64)
+  m_lin, f_lin = moving.affine[:3, :3], fixed.affine[:3, :3]
+  lin = (flip[:, None] * m_lin).astype(np.float32)
+  diff = flip[:, None] * (m_lin - f_lin)
+  offset = flip * (moving.affine[:3, 3] - fixed.affine[:3, 3])
+  disp = np.asarray(disp, np.float32)
+  index = [np.arange(n, dtype=np.float64) for n in disp.shape[:3]]
+  out = np.empty(disp.shape[:3] + (3,), np.float32)
+  for r in range(3):
+    per_axis = [(diff[r, a] * index[a]).astype(np.float32) for a in range(3)]
+    out[..., r] = (lin[r, 0] * disp[..., 0] + lin[r, 1] * disp[..., 1] + lin[r, 2] * disp[..., 2]
+                   + (per_axis[0][:, None, None] + np.float32(offset[r]))
+                   + per_axis[1][None, :, None] + per_axis[2][None, None, :])
+  return out
 
 
 def save_ants_warp(path: str, disp: np.ndarray, fixed: Volume, moving: Volume) -> None:
   """Writes ``disp`` as an ITK displacement field NIfTI (atomically)."""
-  lps = world_displacement(np.asarray(disp, np.float64), fixed, moving) * RAS_TO_LPS
-  img = nib.Nifti1Image(lps[:, :, :, None, :].astype(np.float32), fixed.affine)
+  lps = world_displacement(disp, fixed, moving, flip=RAS_TO_LPS)
+  img = nib.Nifti1Image(lps[:, :, :, None, :], fixed.affine)
   img.header.set_intent("vector")
   img.header.set_xyzt_units("mm")
   with atomic_path(path) as tmp:
