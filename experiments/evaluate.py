@@ -44,6 +44,7 @@ from vmjax import metrics
 from vmjax import plots
 from vmjax import precision
 from vmjax import pretrained
+from vmjax import registration
 from vmjax.atomic import atomic_path
 
 FLAGS = flags.FLAGS
@@ -72,7 +73,8 @@ flags.DEFINE_enum("dtype", None, precision.DTYPES, precision.DTYPE_HELP)
 flags.DEFINE_integer("batch", 1, "Pairs per network call for vmjax and vmjax_instance (pairs "
                      "already on one grid; consecutive pairs of one shape are batched; seconds "
                      "per pair = the call's time / its pairs).", lower_bound=1)
-cli.define_instance_flags(__name__, default_steps=50)
+cli.define_instance_flags(__name__, default_steps=registration.DEFAULT_STEPS,
+                          default_tol=registration.DEFAULT_TOL)
 flags.mark_flags_as_required(["outdir"])
 
 

@@ -12,8 +12,9 @@ voxel each fixed voxel samples, minus its own index: moved(x) = moving(x + warp(
 ``--warp_ants`` (the same map as an ITK/ANTs displacement field: 5-D, vector intent, LPS mm,
 for ``antsApplyTransforms -t``; ``--warp_ants_inverse``: its inverse on the moving grid, for
 diffeomorphic models). ``--affine=none`` registers scans already on one grid.
-After the network, 50 Adam steps refine its field on this pair (``--instance_steps``; 0: the
-network alone, about 4x faster on a CPU, ~0.05 Dice lower on OASIS-TRT-20; docs/results.md).
+After the network, up to 50 Adam steps refine its field on this pair, stopped once converged
+(``--instance_steps``, ``--instance_tol``; ``--fast``: 10 steps; 0: the network alone, ~0.05
+Dice lower on OASIS-TRT-20; docs/results.md, docs/performance.md).
 Errors (bad input, missing model) are one line on stderr and exit code 1; nothing is written.
 
 A whole study (one model load, one compilation per shape, an atlas read and aligned once, the
@@ -57,6 +58,7 @@ from vmjax import io
 from vmjax import pipeline
 from vmjax import precision
 from vmjax import pretrained
+from vmjax import registration
 from vmjax import stages
 from vmjax import train
 
@@ -81,7 +83,11 @@ flags.DEFINE_enum("affine", "affine", ["affine", "none"],
                   "affine: align both scans to the model's template first (any grids); none: "
                   "the scans are already aligned on one grid.")
 flags.DEFINE_enum("dtype", None, precision.DTYPES, precision.DTYPE_HELP)
-cli.define_instance_flags(__name__, default_steps=50)
+cli.define_instance_flags(__name__, default_steps=registration.DEFAULT_STEPS,
+                          default_tol=registration.DEFAULT_TOL)
+flags.DEFINE_bool("fast", False, f"Faster, a little less accurate: {registration.FAST_STEPS} "
+                  "refinement steps instead of up to --instance_steps (an explicit "
+                  "--instance_steps wins); docs/performance.md.")
 flags.DEFINE_bool("profile", False, "Print where the time went: a table of stages (process "
                   "start, reading, affine steps, network, refinement, composition, warps, "
                   "writes) with the compilation inside each.")
@@ -139,7 +145,7 @@ def _register(rec):
   with stages.stage("load the model"):
     model, variables, config, space = load_model()
   _check_space(space)
-  instance = cli.instance_from_flags()
+  instance = _instance()
   start = time.perf_counter()
   result = pipeline.register_native_volumes(model, variables, config, moving, fixed, space,
                                             FLAGS.affine, instance,
@@ -148,12 +154,19 @@ def _register(rec):
   jax.block_until_ready(result["disp"])
   logging.info("registered in %.2f s (%.1f s of it compiling); loss %.5f -> %.5f%s",
                time.perf_counter() - start, sum(rec.compile_seconds.values()),
-               result["loss_before"], result["loss_after"],
-               f" after {instance.describe(config)}" if instance.total_steps else "")
+               result["loss_before"], result["loss_after"], cli.describe_steps(instance, config,
+                                                                              result["steps"]))
   paths = {"moved": FLAGS.moved, "warp": FLAGS.warp, "moved_seg": FLAGS.moved_seg,
            "warp_ants": FLAGS.warp_ants, "warp_ants_inverse": FLAGS.warp_ants_inverse}
   for path in write_outputs(result, moving, fixed, paths):
     logging.info("wrote %s", path)
+
+
+def _instance() -> registration.InstanceOptimisation:
+  """The refinement the flags ask for: ``--fast`` takes FAST_STEPS unless ``--instance_steps``
+  is given."""
+  fast = FLAGS.fast and not FLAGS["instance_steps"].present
+  return cli.instance_from_flags(registration.FAST_STEPS if fast else None)
 
 
 def _check_space(space):
@@ -236,7 +249,7 @@ def run_cohort():
     return
   model, variables, config, space = load_model()
   _check_space(space)
-  instance = cli.instance_from_flags()
+  instance = _instance()
   logging.info("each pair: %s; %s", "affine step + network" if FLAGS.affine == "affine"
                else "network", instance.describe(config))
   alignments = {}  # fixed scan -> its alignment to the model's space: an atlas is aligned once

@@ -201,15 +201,10 @@ def test_native_scans_register_with_the_shipped_model(shared_data, tmp_path):
   assert np.median(np.linalg.norm(back - p, axis=1)) < 1.0  # mm; nearest-voxel lookup
 
 
-@pytest.mark.parametrize("target,lr,coarse,steps", [
-    ("field", None, (), 150),
-    pytest.param("network", 3e-3, (), 150, marks=pytest.mark.slow),  # fine-tunes the network
-    ("field", None, ((4, 60), (2, 60)), 30)])
-def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, steps):
-  """The fixed scan is the moving one warped by a known smooth field; starting from a network
-  that predicts no motion, instance optimisation must move most of the way to that field, lower
-  the pair's loss and keep the (diffeomorphic) field free of folds: at full resolution, and
-  coarse to fine (most steps on images pooled 4x and 2x, the correction integrated there)."""
+def _known_deformation():
+  """A 32^3 textured scan and that scan warped by a known smooth field, and a tiny
+  diffeomorphic model whose network predicts no motion: ``(model, variables, config, moving,
+  fixed, truth)``."""
   shape = (32, 32, 32)
   config = tiny_config()
   config.data.normalize = "none"
@@ -222,6 +217,19 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, 
   fixed_image = np.asarray(vmjax.warp(jnp.asarray(image), jnp.asarray(truth)))[0, ..., 0]
   moving = io.Volume(image=image[0, ..., 0], seg=None, affine=np.eye(4), path="m")
   fixed = io.Volume(image=fixed_image, seg=None, affine=np.eye(4), path="f")
+  return model, variables, config, moving, fixed, truth
+
+
+@pytest.mark.parametrize("target,lr,coarse,steps", [
+    ("field", None, (), 150),
+    pytest.param("network", 3e-3, (), 150, marks=pytest.mark.slow),  # fine-tunes the network
+    ("field", None, ((4, 60), (2, 60)), 30)])
+def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, steps):
+  """The fixed scan is the moving one warped by a known smooth field; starting from a network
+  that predicts no motion, instance optimisation must move most of the way to that field, lower
+  the pair's loss and keep the (diffeomorphic) field free of folds: at full resolution, and
+  coarse to fine (most steps on images pooled 4x and 2x, the correction integrated there)."""
+  model, variables, config, moving, fixed, truth = _known_deformation()
   instance = registration.InstanceOptimisation(steps=steps, lr=lr, target=target,
                                                coarse=coarse)
   out = registration.register_aligned_volumes(model, variables, config, moving, fixed, instance)
@@ -230,6 +238,58 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, 
   assert out["loss_after"] < 0.9 * out["loss_before"]
   assert error < 0.5 * np.abs(truth[0][inner]).mean(), error
   assert float(metrics.jacobian_determinant(out["disp"][None]).min()) > 0
+
+
+def _numpy_adam_until(x, target, steps, lr, tol, window):
+  """Adam (optax's defaults: b1 0.9, b2 0.999, eps 1e-8) on sum((x - target)^4) and the
+  convergence rule, written out in numpy: (x, steps taken)."""
+  m = np.zeros_like(x)
+  v = np.zeros_like(x)
+  history = []
+  for k in range(steps):
+    value = np.sum((x - target) ** 4)
+    grad = 4 * (x - target) ** 3
+    history.append(value)
+    m = 0.9 * m + 0.1 * grad
+    v = 0.999 * v + 0.001 * grad ** 2
+    x = x - lr * (m / (1 - 0.9 ** (k + 1))) / (np.sqrt(v / (1 - 0.999 ** (k + 1))) + 1e-8)
+    if tol and k >= window and history[k - window] - value < tol * (history[0] - value):
+      return x, k + 1
+  return x, steps
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.05, 0.2])
+def test_the_convergence_rule_stops_where_a_numpy_adam_does(tol):
+  """_adam with a tolerance stops at the step the rule, written out in numpy, names (the last
+  CONVERGENCE_WINDOW steps gained less than tol of the decrease so far), with the same iterate;
+  without one it takes every step."""
+  target = np.linspace(-1.0, 2.0, 7)
+  x0 = np.zeros(7)
+  window = registration.CONVERGENCE_WINDOW
+  loss = lambda x: jnp.sum((x - jnp.asarray(target, jnp.float32)) ** 4)
+  x, taken = jax.jit(lambda x: registration._adam(loss, 200, x, 0.05, tol))(
+      jnp.asarray(x0, jnp.float32))
+  expected, expected_taken = _numpy_adam_until(x0, target, 200, 0.05, tol, window)
+  assert int(taken) == expected_taken
+  assert (expected_taken < 200) == (tol > 0)  # the rule does stop this slow tail
+  np.testing.assert_allclose(x, expected, atol=1e-4)
+
+
+def test_refinement_with_a_tolerance_stops_early_and_recovers_the_deformation():
+  """On a known smooth deformation the converged refinement takes fewer steps than its cap,
+  reports them, and lands within a fifth of the motion from the truth, as the full run does."""
+  model, variables, config, moving, fixed, truth = _known_deformation()
+  inner = (slice(4, -4),) * 3
+  errors, taken = [], []
+  for tol in (0.0, 0.02):
+    out = registration.register_aligned_volumes(
+        model, variables, config, moving, fixed,
+        registration.InstanceOptimisation(steps=300, tol=tol), warp=False)
+    errors.append(np.abs(np.asarray(out["disp"]) - truth[0])[inner].mean())
+    taken.append(out["steps"])
+  assert taken[0] == 300 and taken[1] < 300, taken
+  motion = np.abs(truth[0][inner]).mean()
+  assert errors[0] < 0.2 * motion and errors[1] < 0.2 * motion, (errors, taken, motion)
 
 
 @pytest.mark.slow
@@ -290,5 +350,9 @@ def test_instance_optimisation_settings_are_checked():
     registration.InstanceOptimisation(steps=1, coarse=((3, 5),))
   with pytest.raises(ValueError, match="not the network"):
     registration.InstanceOptimisation(steps=1, coarse=((2, 5),), target="network")
+  with pytest.raises(ValueError, match="tolerance must be in"):
+    registration.InstanceOptimisation(steps=1, tol=1.5)
+  with pytest.raises(ValueError, match="not the network's fine-tuning"):
+    registration.InstanceOptimisation(steps=1, tol=0.1, target="network")
   schedule = registration.InstanceOptimisation(steps=4, coarse=((4, 2), (2, 0))).schedule
   assert schedule == ((4, 2), (1, 4))

@@ -25,8 +25,9 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 
-def define_instance_flags(module_name: str, default_steps: int) -> None:
-  """``--instance_steps``, ``--instance_lr``, ``--instance_lam``, ``--instance_target`` for a
+def define_instance_flags(module_name: str, default_steps: int, default_tol: float) -> None:
+  """``--instance_steps``, ``--instance_lr``, ``--instance_lam``, ``--instance_target``,
+  ``--instance_tol`` for a
   command (listed in the ``--help`` of ``module_name``); read them back with
   :func:`instance_from_flags`."""
   flags.DEFINE_integer("instance_steps", default_steps,
@@ -41,6 +42,12 @@ def define_instance_flags(module_name: str, default_steps: int) -> None:
                     "What it tunes: the network's field for this pair (fast: no network pass "
                     "per step) or the network's parameters (VoxelMorph's instance-specific "
                     "optimisation).", module_name=module_name)
+  flags.DEFINE_float("instance_tol", default_tol, "Stop the field's refinement before "
+                     "--instance_steps "
+                     "once converged: when its last "
+                     f"{registration.CONVERGENCE_WINDOW} steps lowered the loss by less than "
+                     "this fraction of its decrease so far (0: every step).", lower_bound=0.0,
+                     upper_bound=0.99, module_name=module_name)
 
 
 def instance_from_flags(steps: int | None = None) -> registration.InstanceOptimisation:
@@ -49,7 +56,17 @@ def instance_from_flags(steps: int | None = None) -> registration.InstanceOptimi
   f = flags.FLAGS
   return registration.InstanceOptimisation(
       f.instance_steps if steps is None else steps, f.instance_lr, f.instance_lam,
-      f.instance_target)
+      f.instance_target, tol=f.instance_tol)
+
+
+def describe_steps(instance: registration.InstanceOptimisation, config, taken: int) -> str:
+  """" after N instance steps ..." for a log line ("" without any), saying when the
+  convergence rule stopped them early."""
+  if not instance.total_steps:
+    return ""
+  stopped = (f" (converged after {taken})" if instance.tol and taken < instance.total_steps
+             else "")
+  return f" after {instance.describe(config)}{stopped}"
 
 
 def define_distributed_flags(module_name: str) -> None:

@@ -106,7 +106,8 @@ def register_native_volumes(model, variables, config, moving: Volume, fixed: Vol
     ``moved``, ``moved_seg`` (if the moving scan has labels), ``affine_moved_seg`` (the labels
     after the affine part alone), ``world`` (4x4: fixed world -> moving world of the affine part;
     identity with ``affine="none"``), ``jacobian_det`` (:func:`world_jacobian`),
-    ``loss_before`` / ``loss_after`` (the network's loss in the model space).
+    ``loss_before`` / ``loss_after`` (the network's loss in the model space) and ``steps`` (the
+    instance steps taken), both with ``deformable``.
   """
   if affine == "none":
     if not same_grid(moving, fixed):
@@ -153,7 +154,7 @@ def register_native_volumes(model, variables, config, moving: Volume, fixed: Vol
         result["inverse_disp"] = stages.sync(compose_on_fixed_grid(
             moving, fixed, space, a_moving, a_fixed, out["inverse_disp"]))
     result.update(loss_before=out["loss_before"], loss_after=out["loss_after"],
-                  variables=out["variables"])
+                  steps=out["steps"], variables=out["variables"])
   else:
     u = u_affine
     if inverse:
