@@ -64,9 +64,7 @@ def describe_steps(instance: registration.InstanceOptimisation, config, taken: i
   convergence rule stopped them early."""
   if not instance.total_steps:
     return ""
-  stopped = (f" (converged after {taken})" if instance.tol and taken < instance.total_steps
-             else "")
-  return f" after {instance.describe(config)}{stopped}"
+  return f" after {instance.describe(config, taken)}"
 
 
 def define_distributed_flags(module_name: str) -> None:

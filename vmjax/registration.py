@@ -299,14 +299,21 @@ class InstanceOptimisation:
       return loss_cfg
     return ml_collections.FrozenConfigDict({**loss_cfg.as_configdict().to_dict(), "lam": lam})
 
-  def describe(self, config) -> str:
+  def describe(self, config, taken: int | None = None) -> str:
+    """What it does, for a log line: the plan, or with ``taken`` the steps it took."""
     if not self.total_steps:
       return "no instance steps"
     levels = " + ".join(f"{steps} at 1/{factor}" if factor > 1 else f"{steps} at full size"
                         for factor, steps in self.schedule)
-    until = f" until converged (tol {self.tol:g})" if self.tol else ""
-    return (f"{'up to ' if self.tol else ''}{self.total_steps} instance steps on the "
-            f"{self.target}{until} {'(' + levels + ') ' if self.coarse else ''}(Adam, lr "
+    if taken is None:
+      count = f"{'up to ' if self.tol else ''}{self.total_steps}"
+      until = f" until converged (tol {self.tol:g})" if self.tol else ""
+    else:
+      count = str(taken)
+      converged = "converged; " if taken < self.total_steps else ""
+      until = f" ({converged}up to {self.total_steps}, tol {self.tol:g})" if self.tol else ""
+    return (f"{count} instance steps on the {self.target}{until} "
+            f"{'(' + levels + ') ' if self.coarse else ''}(Adam, lr "
             f"{self.learning_rate:g}, smoothness weight {self.loss_config(config).lam:g})")
 
 
