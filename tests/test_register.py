@@ -277,19 +277,18 @@ def test_the_convergence_rule_stops_where_a_numpy_adam_does(tol):
 
 def test_refinement_with_a_tolerance_stops_early_and_recovers_the_deformation():
   """On a known smooth deformation the converged refinement takes fewer steps than its cap,
-  reports them, and lands within a fifth of the motion from the truth, as the full run does."""
+  reports them, and lands within a fifth of the motion from the truth (the full 150 steps:
+  test_instance_optimisation_recovers_a_known_deformation)."""
   model, variables, config, moving, fixed, truth = _known_deformation()
+  out = registration.register_aligned_volumes(
+      model, variables, config, moving, fixed,
+      registration.InstanceOptimisation(steps=300, tol=0.02), warp=False)
   inner = (slice(4, -4),) * 3
-  errors, taken = [], []
-  for tol in (0.0, 0.02):
-    out = registration.register_aligned_volumes(
-        model, variables, config, moving, fixed,
-        registration.InstanceOptimisation(steps=300, tol=tol), warp=False)
-    errors.append(np.abs(np.asarray(out["disp"]) - truth[0])[inner].mean())
-    taken.append(out["steps"])
-  assert taken[0] == 300 and taken[1] < 300, taken
+  error = np.abs(np.asarray(out["disp"]) - truth[0])[inner].mean()
   motion = np.abs(truth[0][inner]).mean()
-  assert errors[0] < 0.2 * motion and errors[1] < 0.2 * motion, (errors, taken, motion)
+  assert 0 < out["steps"] < 300, out["steps"]
+  assert error < 0.2 * motion, (error, out["steps"], motion)
+  assert out["loss_after"] < 0.9 * out["loss_before"]
 
 
 @pytest.mark.slow
