@@ -179,5 +179,8 @@ mean.defvjp(_mean_fwd, _mean_bwd)
 
 
 def on_cpu(native, reference, *args):
-  """``native(*args)`` when compiled for the CPU, ``reference(*args)`` elsewhere."""
+  """``native(*args)`` when compiled for the CPU, ``reference(*args)`` elsewhere; only
+  ``reference`` where the native path is not :func:`usable` for ``args``."""
+  if not usable(*args):
+    return reference(*args)
   return lax.platform_dependent(*args, cpu=native, default=reference)

@@ -33,10 +33,8 @@ def box_sum(x: jax.Array, window: int) -> jax.Array:
   Returns:
     ``(B, D, H, W, C)``.
   """
-  if kernels.usable(x):
-    return kernels.on_cpu(functools.partial(kernels.box_sum, window=window),
-                          functools.partial(box_sum_xla, window=window), x)
-  return box_sum_xla(x, window)
+  return kernels.on_cpu(functools.partial(kernels.box_sum, window=window),
+                        functools.partial(box_sum_xla, window=window), x)
 
 
 def box_sum_xla(x: jax.Array, window: int) -> jax.Array:
@@ -54,9 +52,7 @@ def box_sum_xla(x: jax.Array, window: int) -> jax.Array:
 def mean(x: jax.Array) -> jax.Array:
   """``jnp.mean(x)`` of a float32 map; on the CPU the sum is a native pass of its own
   (:func:`vmjax.kernels.mean`: XLA:CPU would fuse the map into the reduction, ~20-50x slower)."""
-  if kernels.usable(x):
-    return kernels.on_cpu(kernels.mean, jnp.mean, x)
-  return jnp.mean(x)
+  return kernels.on_cpu(kernels.mean, jnp.mean, x)
 
 
 @functools.partial(jax.jit, static_argnames=("window",))

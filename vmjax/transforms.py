@@ -96,10 +96,8 @@ def _scatter_add(acc: jax.Array, flat: jax.Array, updates: jax.Array) -> jax.Arr
 def _trilinear(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
   """:func:`_trilinear_xla`, computed by :func:`vmjax.kernels.trilinear` on the CPU (float32
   images); the XLA computation everywhere else."""
-  if kernels.usable(image, coords):
-    return kernels.on_cpu(functools.partial(kernels.trilinear, mode=mode),
-                          functools.partial(_trilinear_xla, mode=mode), image, coords)
-  return _trilinear_xla(image, coords, mode)
+  return kernels.on_cpu(functools.partial(kernels.trilinear, mode=mode),
+                        functools.partial(_trilinear_xla, mode=mode), image, coords)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -228,9 +226,7 @@ def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
 
 def _square(disp: jax.Array) -> jax.Array:
   """``compose(disp, disp)``; on the CPU one native pass (:func:`vmjax.kernels.compose_self`)."""
-  if kernels.usable(disp):
-    return kernels.on_cpu(kernels.compose_self, lambda u: compose(u, u), disp)
-  return compose(disp, disp)
+  return kernels.on_cpu(kernels.compose_self, lambda u: compose(u, u), disp)
 
 
 def resize_field(disp: jax.Array, spatial_shape) -> jax.Array:
@@ -253,7 +249,7 @@ def resize_field(disp: jax.Array, spatial_shape) -> jax.Array:
   # Scaled first: resizing is linear, and the small grid has fewer vectors to scale.
   disp = disp * jnp.asarray([n / o for n, o in zip(spatial_shape, old)], dtype=disp.dtype)
   resize = functools.partial(_resize_linear, spatial_shape=spatial_shape)
-  if spatial_shape == tuple(2 * n for n in old) and kernels.usable(disp):
+  if spatial_shape == tuple(2 * n for n in old):
     return kernels.on_cpu(kernels.upsample2, resize, disp)
   return resize(disp)
 
