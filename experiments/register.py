@@ -154,8 +154,9 @@ def _register(rec):
   jax.block_until_ready(result["disp"])
   logging.info("registered in %.2f s (%.1f s of it compiling); loss %.5f -> %.5f%s",
                time.perf_counter() - start, sum(rec.compile_seconds.values()),
-               result["loss_before"], result["loss_after"], cli.describe_steps(instance, config,
-                                                                              result["steps"]))
+               result["loss_before"], result["loss_after"],
+               f" after {instance.describe(config, result['steps'])}" if instance.total_steps
+               else "")
   paths = {"moved": FLAGS.moved, "warp": FLAGS.warp, "moved_seg": FLAGS.moved_seg,
            "warp_ants": FLAGS.warp_ants, "warp_ants_inverse": FLAGS.warp_ants_inverse}
   for path in write_outputs(result, moving, fixed, paths):

@@ -27,9 +27,8 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 def define_instance_flags(module_name: str, default_steps: int, default_tol: float) -> None:
   """``--instance_steps``, ``--instance_lr``, ``--instance_lam``, ``--instance_target``,
-  ``--instance_tol`` for a
-  command (listed in the ``--help`` of ``module_name``); read them back with
-  :func:`instance_from_flags`."""
+  ``--instance_tol`` for a command (listed in the ``--help`` of ``module_name``); read them back
+  with :func:`instance_from_flags`."""
   flags.DEFINE_integer("instance_steps", default_steps,
                        "Instance optimisation: Adam steps on this pair's training loss after the "
                        "network (0: none).", lower_bound=0, module_name=module_name)
@@ -43,8 +42,7 @@ def define_instance_flags(module_name: str, default_steps: int, default_tol: flo
                     "per step) or the network's parameters (VoxelMorph's instance-specific "
                     "optimisation).", module_name=module_name)
   flags.DEFINE_float("instance_tol", default_tol, "Stop the field's refinement before "
-                     "--instance_steps "
-                     "once converged: when its last "
+                     "--instance_steps once converged: when its last "
                      f"{registration.CONVERGENCE_WINDOW} steps lowered the loss by less than "
                      "this fraction of its decrease so far (0: every step).", lower_bound=0.0,
                      upper_bound=0.99, module_name=module_name)
@@ -57,14 +55,6 @@ def instance_from_flags(steps: int | None = None) -> registration.InstanceOptimi
   return registration.InstanceOptimisation(
       f.instance_steps if steps is None else steps, f.instance_lr, f.instance_lam,
       f.instance_target, tol=f.instance_tol)
-
-
-def describe_steps(instance: registration.InstanceOptimisation, config, taken: int) -> str:
-  """" after N instance steps ..." for a log line ("" without any), saying when the
-  convergence rule stopped them early."""
-  if not instance.total_steps:
-    return ""
-  return f" after {instance.describe(config, taken)}"
 
 
 def define_distributed_flags(module_name: str) -> None:
