@@ -26,6 +26,7 @@
 //     consumes it and then runs ~20-50x slower than the map and the sum apart (NCC's mean).
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -190,6 +191,13 @@ ffi::Error TrilinearGradCoords(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
+// This thread's contiguous share [begin, end) of [0, n) when `threads` threads split it.
+inline void ThreadRange(int64_t n, int t, int threads, int64_t* begin, int64_t* end) {
+  const int64_t chunk = (n + threads - 1) / threads;
+  *begin = std::min(n, t * chunk);
+  *end = std::min(n, *begin + chunk);
+}
+
 // A scatter-add in parallel: calls f(acc, i) for i in [0, n), each thread over its own
 // contiguous range with `acc` its own zeroed buffer of `total` floats (thread 0's is `out`),
 // then sums the buffers into `out` in a fixed order (deterministic for a given thread count).
@@ -206,8 +214,8 @@ void ScatterInParallel(float* out, int64_t total, int64_t n, F&& f) {
       partial[t - 1].assign(total, 0.0f);
       acc = partial[t - 1].data();
     }
-    const int64_t chunk = (n + threads - 1) / threads;
-    const int64_t begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
+    int64_t begin, end;
+    ThreadRange(n, t, threads, &begin, &end);
     for (int64_t i = begin; i < end; ++i) f(acc, i);
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -228,7 +236,6 @@ ffi::Error TrilinearGradImage(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32>
   const float* gp = g.typed_data();
   float* di = d_image->typed_data();
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
-  const int64_t total = s.b * per_item;
   const bool nearest = mode == 1;
   ScatterInParallel(di, s.b * per_item, s.b * s.out, [&](float* acc, int64_t bx) {
     const float* gv = gp + bx * s.c;
@@ -299,38 +306,56 @@ ffi::Error BoxSum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_
   return ffi::Error::Success();
 }
 
-// One axis of the x2 linear upsampling: in (outer, n, inner) -> out (outer, 2n, inner).
-inline void UpRows(const float* in, float* out, int64_t o, int64_t n, int64_t inner) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* __restrict__ a = in + (o * n + i) * inner;
-    const float* __restrict__ prev = in + (o * n + std::max<int64_t>(i - 1, 0)) * inner;
-    const float* __restrict__ next = in + (o * n + std::min<int64_t>(i + 1, n - 1)) * inner;
-    float* __restrict__ even = out + (o * 2 * n + 2 * i) * inner;
-    float* __restrict__ odd = even + inner;
+// One row of the x2 linear upsampling along an axis: from the input rows a (index i) and its
+// neighbours prev (i - 1) and next (i + 1), clamped at the edges, the output rows even (2i) and
+// odd (2i + 1), `len` floats each.
+inline void UpRow(const float* __restrict__ a, const float* __restrict__ prev,
+                  const float* __restrict__ next, float* __restrict__ even,
+                  float* __restrict__ odd, int64_t len) {
 #pragma omp simd
-    for (int64_t k = 0; k < inner; ++k) {
-      even[k] = 0.75f * a[k] + 0.25f * prev[k];
-      odd[k] = 0.75f * a[k] + 0.25f * next[k];
-    }
+  for (int64_t k = 0; k < len; ++k) {
+    even[k] = 0.75f * a[k] + 0.25f * prev[k];
+    odd[k] = 0.75f * a[k] + 0.25f * next[k];
   }
 }
 
-// The transpose of UpRows: g (outer, 2n, inner) -> out (outer, n, inner); input i received
-// outputs 2i - 1, 2i, 2i + 1, 2i + 2 (weights 1/4, 3/4, 3/4, 1/4; clamped at the edges).
-inline void UpRowsT(const float* g, float* out, int64_t o, int64_t n, int64_t inner) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* __restrict__ g0 = g + (o * 2 * n + std::max<int64_t>(2 * i - 1, 0)) * inner;
-    const float* __restrict__ g1 = g + (o * 2 * n + 2 * i) * inner;
-    const float* __restrict__ g2 = g1 + inner;
-    const float* __restrict__ g3 = g + (o * 2 * n + std::min<int64_t>(2 * i + 2, 2 * n - 1)) * inner;
-    float* __restrict__ x = out + (o * n + i) * inner;
+// Its transpose: input row i received output rows g0 (2i - 1), g1 (2i), g2 (2i + 1), g3 (2i + 2)
+// with weights 1/4, 3/4, 3/4, 1/4 (clamped at the edges).
+inline void UpRowT(const float* __restrict__ g0, const float* __restrict__ g1,
+                   const float* __restrict__ g2, const float* __restrict__ g3,
+                   float* __restrict__ x, int64_t len) {
 #pragma omp simd
-    for (int64_t k = 0; k < inner; ++k) x[k] = 0.75f * (g1[k] + g2[k]) + 0.25f * (g0[k] + g3[k]);
-  }
+  for (int64_t k = 0; k < len; ++k) x[k] = 0.75f * (g1[k] + g2[k]) + 0.25f * (g0[k] + g3[k]);
+}
+
+// UpRow over a whole axis: rows of `stride` floats, in (outer, n, .) -> out (outer, 2n, .), the
+// `len` floats at `offset` of each row.
+inline void UpRows(const float* in, float* out, int64_t o, int64_t n, int64_t stride,
+                   int64_t offset, int64_t len) {
+  const float* rows = in + o * n * stride + offset;
+  float* outs = out + o * 2 * n * stride + offset;
+  for (int64_t i = 0; i < n; ++i)
+    UpRow(rows + i * stride, rows + std::max<int64_t>(i - 1, 0) * stride,
+          rows + std::min<int64_t>(i + 1, n - 1) * stride, outs + 2 * i * stride,
+          outs + (2 * i + 1) * stride, len);
+}
+
+// UpRowT over a whole axis: g (outer, 2n, .) -> out (outer, n, .), rows as in UpRows.
+inline void UpRowsT(const float* g, float* out, int64_t o, int64_t n, int64_t stride,
+                    int64_t offset, int64_t len) {
+  const float* rows = g + o * 2 * n * stride + offset;
+  float* outs = out + o * n * stride + offset;
+  for (int64_t i = 0; i < n; ++i)
+    UpRowT(rows + std::max<int64_t>(2 * i - 1, 0) * stride, rows + 2 * i * stride,
+           rows + (2 * i + 1) * stride, rows + std::min<int64_t>(2 * i + 2, 2 * n - 1) * stride,
+           outs + i * stride, len);
 }
 
 // x (B, D, H, W, C) -> y (B, 2D, 2H, 2W, C): each (b, d) plane upsampled along W then H into
-// `planes` (B, D, 2H, 2W, C), then along D into y (blocks of 4096 floats of a plane).
+// `planes` (B, D, 2H, 2W, C), then along D into y, in blocks of kBlock floats of a plane (so
+// that both threads share the D pass).
+constexpr int64_t kBlock = 4096;
+
 void Upsample2Loop(const float* x, float* y, int64_t nb, int64_t nd, int64_t nh, int64_t nw,
                    int64_t nc) {
   const int64_t small = nh * nw * nc, big = 4 * small;  // one plane before / after H and W
@@ -342,25 +367,14 @@ void Upsample2Loop(const float* x, float* y, int64_t nb, int64_t nd, int64_t nh,
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t d = 0; d < nd; ++d) {
         const float* in = x + (b * nd + d) * small;
-        for (int64_t h = 0; h < nh; ++h) UpRows(in, buf.data(), h, nw, nc);
-        UpRows(buf.data(), planes.data() + (b * nd + d) * big, 0, nh, 2 * nw * nc);
+        for (int64_t h = 0; h < nh; ++h) UpRows(in, buf.data(), h, nw, nc, 0, nc);
+        UpRows(buf.data(), planes.data() + (b * nd + d) * big, 0, nh, 2 * nw * nc, 0,
+               2 * nw * nc);
       }
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
-      for (int64_t c = 0; c < big; c += 4096)
-        for (int64_t i = 0; i < nd; ++i) {
-          const int64_t len = std::min<int64_t>(4096, big - c);
-          const float* __restrict__ a = planes.data() + (b * nd + i) * big + c;
-          const float* __restrict__ prev = planes.data() + (b * nd + std::max<int64_t>(i - 1, 0)) * big + c;
-          const float* __restrict__ next = planes.data() + (b * nd + std::min<int64_t>(i + 1, nd - 1)) * big + c;
-          float* __restrict__ even = y + (b * 2 * nd + 2 * i) * big + c;
-          float* __restrict__ odd = even + big;
-#pragma omp simd
-          for (int64_t k = 0; k < len; ++k) {
-            even[k] = 0.75f * a[k] + 0.25f * prev[k];
-            odd[k] = 0.75f * a[k] + 0.25f * next[k];
-          }
-        }
+      for (int64_t c = 0; c < big; c += kBlock)
+        UpRows(planes.data(), y, b, nd, big, c, std::min(kBlock, big - c));
   }
 }
 
@@ -375,24 +389,15 @@ void Upsample2TLoop(const float* y, float* x, int64_t nb, int64_t nd, int64_t nh
     std::vector<float> buf(nh * 2 * nw * nc);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
-      for (int64_t c = 0; c < big; c += 4096)
-        for (int64_t i = 0; i < nd; ++i) {
-          const int64_t len = std::min<int64_t>(4096, big - c);
-          const float* base = y + b * 2 * nd * big + c;
-          const float* __restrict__ g0 = base + std::max<int64_t>(2 * i - 1, 0) * big;
-          const float* __restrict__ g1 = base + 2 * i * big;
-          const float* __restrict__ g2 = g1 + big;
-          const float* __restrict__ g3 = base + std::min<int64_t>(2 * i + 2, 2 * nd - 1) * big;
-          float* __restrict__ p = planes.data() + (b * nd + i) * big + c;
-#pragma omp simd
-          for (int64_t k = 0; k < len; ++k) p[k] = 0.75f * (g1[k] + g2[k]) + 0.25f * (g0[k] + g3[k]);
-        }
+      for (int64_t c = 0; c < big; c += kBlock)
+        UpRowsT(y, planes.data(), b, nd, big, c, std::min(kBlock, big - c));
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t d = 0; d < nd; ++d) {
-        UpRowsT(planes.data() + (b * nd + d) * big, buf.data(), 0, nh, 2 * nw * nc);
+        UpRowsT(planes.data() + (b * nd + d) * big, buf.data(), 0, nh, 2 * nw * nc, 0,
+                2 * nw * nc);
         float* out = x + (b * nd + d) * small;
-        for (int64_t h = 0; h < nh; ++h) UpRowsT(buf.data(), out, h, nw, nc);
+        for (int64_t h = 0; h < nh; ++h) UpRowsT(buf.data(), out, h, nw, nc, 0, nc);
       }
   }
 }
@@ -416,13 +421,10 @@ ffi::Error Upsample2T(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> x) {
   return ffi::Error::Success();
 }
 
-// Calls f(x, p) for every voxel x of a (D, H, W) grid, p = x's index + u[x] (3 floats).
-template <typename F>
-inline void ForVoxel(int64_t x, int64_t nh, int64_t nw, const float* u, F&& f) {
-  const int64_t w = x % nw, h = (x / nw) % nh, d = x / (nw * nh);
-  const float p[3] = {static_cast<float>(d) + u[0], static_cast<float>(h) + u[1],
-                      static_cast<float>(w) + u[2]};
-  f(p);
+// The point voxel x (flat index into a (D, H, W) grid) maps to: its index plus ux = u[x].
+inline std::array<float, 3> Displaced(int64_t x, int64_t nh, int64_t nw, const float* ux) {
+  return {static_cast<float>(x / (nw * nh)) + ux[0], static_cast<float>((x / nw) % nh) + ux[1],
+          static_cast<float>(x % nw) + ux[2]};
 }
 
 ffi::Error ComposeSelf(ffi::Buffer<ffi::F32> field, ffi::ResultBuffer<ffi::F32> out) {
@@ -437,16 +439,14 @@ ffi::Error ComposeSelf(ffi::Buffer<ffi::F32> field, ffi::ResultBuffer<ffi::F32> 
     for (int64_t x = 0; x < s.out; ++x) {
       const float* base = u + b * s.out * 3;
       const float* ux = base + x * 3;
-      ForVoxel(x, s.hi, s.wi, ux, [&](const float* p) {
-        float acc[3] = {ux[0], ux[1], ux[2]};
-        ForEachCorner(s, MakeAxes(s, p, true), [&](int64_t offset, float w0, float w1, float w2,
-                                                   float, float, float) {
-          const float wt = w0 * w1 * w2;
-          for (int k = 0; k < 3; ++k) acc[k] += wt * base[offset + k];
-        });
-        float* ov = o + (b * s.out + x) * 3;
-        for (int k = 0; k < 3; ++k) ov[k] = acc[k];
+      float acc[3] = {ux[0], ux[1], ux[2]};
+      ForEachCorner(s, MakeAxes(s, Displaced(x, s.hi, s.wi, ux).data(), true),
+                    [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
+        const float wt = w0 * w1 * w2;
+        for (int k = 0; k < 3; ++k) acc[k] += wt * base[offset + k];
       });
+      float* ov = o + (b * s.out + x) * 3;
+      for (int k = 0; k < 3; ++k) ov[k] = acc[k];
     }
   return ffi::Error::Success();
 }
@@ -465,24 +465,23 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
     const float* base = u + b * s.out * 3;
     float* abase = acc + b * s.out * 3;
     const float* gv = gp + bx * 3;
-    ForVoxel(bx - b * s.out, s.hi, s.wi, u + bx * 3, [&](const float* p) {
-      float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
-      ForEachCorner(s, MakeAxes(s, p, true), [&](int64_t offset, float w0, float w1, float w2,
-                                                 float d0, float d1, float d2) {
-        const float* v = base + offset;
-        const float gdotv = gv[0] * v[0] + gv[1] * v[1] + gv[2] * v[2];
-        t0 += gdotv * d0 * w1 * w2;
-        t1 += gdotv * w0 * d1 * w2;
-        t2 += gdotv * w0 * w1 * d2;
-        const float wt = w0 * w1 * w2;
-        float* a = abase + offset;
-        for (int k = 0; k < 3; ++k) a[k] += wt * gv[k];
-      });
-      float* a = acc + bx * 3;  // the direct term and the coordinate term at x itself
-      a[0] += gv[0] + t0;
-      a[1] += gv[1] + t1;
-      a[2] += gv[2] + t2;
+    float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
+    ForEachCorner(s, MakeAxes(s, Displaced(bx - b * s.out, s.hi, s.wi, u + bx * 3).data(), true),
+                  [&](int64_t offset, float w0, float w1, float w2, float d0, float d1,
+                      float d2) {
+      const float* v = base + offset;
+      const float gdotv = gv[0] * v[0] + gv[1] * v[1] + gv[2] * v[2];
+      t0 += gdotv * d0 * w1 * w2;
+      t1 += gdotv * w0 * d1 * w2;
+      t2 += gdotv * w0 * w1 * d2;
+      const float wt = w0 * w1 * w2;
+      float* a = abase + offset;
+      for (int k = 0; k < 3; ++k) a[k] += wt * gv[k];
     });
+    float* a = acc + bx * 3;  // the direct term and the coordinate term at x itself
+    a[0] += gv[0] + t0;
+    a[1] += gv[1] + t1;
+    a[2] += gv[2] + t2;
   });
   return ffi::Error::Success();
 }
@@ -495,8 +494,8 @@ ffi::Error Sum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
-    const int64_t chunk = (n + threads - 1) / threads;
-    const int64_t begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
+    int64_t begin, end;
+    ThreadRange(n, t, threads, &begin, &end);
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = begin; i < end; ++i) acc += xp[i];
