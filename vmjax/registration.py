@@ -226,13 +226,13 @@ def normalise_schedule(schedule) -> tuple[tuple[int, int], ...]:
 # 13-15 -> 1: 0.568 without, 0.577 at lr 1e-4, 0.542 at 1e-3 (the training lr overshoots on a
 # single pair); the training's smoothness weight.
 INSTANCE_LR = {"field": 0.2, "network": 1e-4}
+INSTANCE_LAM = {"field": 0.1, "network": None}  # None: config.loss.lam
 # The commands' refinement (vmjax-register, vmjax-evaluate): up to DEFAULT_STEPS steps, stopped
 # once converged at DEFAULT_TOL (docs/performance.md: on every OASIS-TRT-20 pair traced, native
 # and prepared, the loss's decrease per 5 steps fell below 2 % of the decrease so far after 31
 # steps, with 97 % of the 50 steps' decrease; Dice 0.001 lower on both protocols, 1/3 of the
 # refinement's time saved). --fast: FAST_STEPS (the first 10 steps give ~80 % of the decrease).
 DEFAULT_STEPS, DEFAULT_TOL, FAST_STEPS = 50, 0.02, 10
-INSTANCE_LAM = {"field": 0.1, "network": None}  # None: config.loss.lam
 
 
 @dataclasses.dataclass(frozen=True)
