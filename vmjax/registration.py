@@ -95,6 +95,8 @@ def _field_loss(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Arra
 def _pair_field_losses(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Array,
                        fixed: jax.Array):
   """:func:`_field_loss` of each pair of a batch, ``(B,)``."""
+  if velocity.shape[0] == 1:
+    return _field_loss(model, loss_cfg, velocity, moving, fixed)[None]
   return jax.vmap(lambda v, m, f: _field_loss(model, loss_cfg, v[None], m[None], f[None]))(
       velocity, moving, fixed)
 
@@ -106,41 +108,57 @@ CONVERGENCE_WINDOW = 5
 def _adam(loss: Callable, steps: int, x, learning_rate: float, tol: float = 0.0):
   """Up to ``steps`` Adam steps from ``x`` (any pytree) on ``loss(x)``.
 
-  ``tol > 0``: stops once converged, when the last :data:`CONVERGENCE_WINDOW` steps lowered the
-  loss by less than ``tol`` times its whole decrease since the start (scale-free: no loss units;
-  at least that many steps). Returns ``(x, steps taken)``."""
+  ``loss(x)`` is a scalar, or the losses ``(B,)`` of ``B`` independent items whose parameters
+  are the leading axis of every leaf of ``x`` (a batch of pairs): Adam then minimises their
+  sum, which moves each item by its own loss's gradient.
+
+  ``tol > 0``: each item stops once converged, when its last :data:`CONVERGENCE_WINDOW` steps
+  lowered its loss by less than ``tol`` times its whole decrease since the start (scale-free:
+  no loss units; at least that many steps); a stopped item keeps its iterate while the others go
+  on, so it ends where it would alone. Returns ``(x, steps taken)``, the steps ``(B,)`` per item
+  for a vector loss."""
   tx = optax.adam(learning_rate)
   if not tol:
-    grad = jax.grad(loss)
+    grad = jax.grad(lambda x: jnp.sum(loss(x)))
 
     def body(_, carry):
       x, opt_state = carry
       updates, opt_state = tx.update(grad(x), opt_state, x)
       return optax.apply_updates(x, updates), opt_state
 
-    return lax.fori_loop(0, steps, body, (x, tx.init(x)))[0], jnp.asarray(steps, jnp.int32)
+    x = lax.fori_loop(0, steps, body, (x, tx.init(x)))[0]
+    items = jax.eval_shape(loss, x).shape
+    return x, jnp.full(items, steps, jnp.int32)
 
   window = CONVERGENCE_WINDOW
-  value_and_grad = jax.value_and_grad(loss)
+  items = jax.eval_shape(loss, x).shape  # () or (B,)
+  value_and_grad = jax.value_and_grad(lambda x: (lambda v: (jnp.sum(v), v))(loss(x)),
+                                      has_aux=True)
+
+  def per_item(mask, leaf):  # (B,) -> broadcastable against a leaf whose leading axis is B
+    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
   def body(carry):
-    k, x, opt_state, recent, first, _ = carry
-    value, grad = value_and_grad(x)  # the loss at x_k, before step k
+    k, x, opt_state, recent, first, converged, taken = carry
+    (_, value), grad = value_and_grad(x)  # the losses at x_k, before step k
     first = jnp.where(k == 0, value, first)
-    earlier = recent[k % window]  # the loss at x_{k - window}
+    earlier = recent[k % window]  # the losses at x_{k - window}
     recent = recent.at[k % window].set(value)
-    converged = (k >= window) & (earlier - value < tol * (first - value))
+    active = ~converged  # items still stepping take step k, then may stop
     updates, opt_state = tx.update(grad, opt_state, x)
-    return k + 1, optax.apply_updates(x, updates), opt_state, recent, first, converged
+    x = jax.tree_util.tree_map(lambda new, old: jnp.where(per_item(active, old), new, old),
+                               optax.apply_updates(x, updates), x)
+    converged = converged | ((k >= window) & (earlier - value < tol * (first - value)))
+    return k + 1, x, opt_state, recent, first, converged, taken + active
 
   def cond(carry):
-    k, *_, converged = carry
-    return (k < steps) & ~converged
+    k, *_, converged, _ = carry
+    return (k < steps) & ~jnp.all(converged)
 
-  start = (jnp.asarray(0, jnp.int32), x, tx.init(x), jnp.zeros(window, jnp.float32),
-           jnp.asarray(0.0, jnp.float32), jnp.asarray(False))
-  k, x, *_ = lax.while_loop(cond, body, start)
-  return x, k
+  start = (jnp.asarray(0, jnp.int32), x, tx.init(x), jnp.zeros((window,) + items, jnp.float32),
+           jnp.zeros(items, jnp.float32), jnp.zeros(items, bool), jnp.zeros(items, jnp.int32))
+  _, x, *_, taken = lax.while_loop(cond, body, start)
+  return x, taken
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -178,22 +196,21 @@ def refine_velocity(model: VxmDense, loss_cfg, schedule, velocity: jax.Array,
   pooled images. Adam starts afresh at each level. ``tol > 0``: each level stops early once
   converged (:func:`_adam`).
 
-  A batch of pairs is refined as each pair alone would be (the sum of their losses: each pair's
-  velocity sees its own loss's gradient; with ``tol`` they stop together). Returns
-  ``(velocity, steps taken over all levels)``."""
-  batch = velocity.shape[0]
-  taken = jnp.asarray(0, jnp.int32)
+  A batch of pairs is refined as each pair alone would be (Adam on the sum of their losses
+  moves each pair's velocity by its own loss's gradient; with ``tol`` each pair stops when it
+  converges, and the others go on). Returns ``(velocity, steps taken over all levels (B,))``."""
+  taken = jnp.zeros(velocity.shape[0], jnp.int32)
   for factor, steps in normalise_schedule(schedule):
     m, f = pool(moving, factor), pool(fixed, factor)
     level_shape = m.shape[1:4]
     if all(n >= v for n, v in zip(level_shape, velocity.shape[1:4])):
-      velocity, k = _adam(lambda v, m=m, f=f: batch * _field_loss(model, loss_cfg, v, m, f),
+      velocity, k = _adam(lambda v, m=m, f=f: _pair_field_losses(model, loss_cfg, v, m, f),
                           steps, velocity, learning_rate, tol)
       taken = taken + k
       continue
     base = transforms.resize_field(velocity, level_shape)
     correction, k = _adam(lambda d, base=base, m=m, f=f:
-                          batch * _field_loss(model, loss_cfg, base + d, m, f),
+                          _pair_field_losses(model, loss_cfg, base + d, m, f),
                           steps, jnp.zeros_like(base), learning_rate, tol)
     taken = taken + k
     velocity = velocity + transforms.resize_field(correction, velocity.shape[1:4])
@@ -387,13 +404,14 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
   with stages.stage("loss before/after (for the log)"):
     loss_before = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed))
   loss_after = loss_before
-  steps_taken = instance.total_steps
+  steps_taken = [instance.total_steps] * len(pairs)
   if instance.total_steps > 0:
     lr = instance.learning_rate
     if instance.target == "field":
       with stages.stage("refinement"):
         velocity, steps_taken = stages.sync(refine_velocity(
             model, loss_cfg, instance.schedule, velocity, x_moving, x_fixed, lr, instance.tol))
+        steps_taken = [int(k) for k in steps_taken]
       fields = _fields_from_velocity(model, inverse, net_grid, velocity)
     else:
       params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
@@ -423,7 +441,7 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
   results = []
   for i, (moving, _) in enumerate(pairs):
     result = {"loss_before": float(loss_before[i]), "loss_after": float(loss_after[i]),
-              "steps": int(steps_taken), "variables": variables, "disp": disp[i]}
+              "steps": steps_taken[i], "variables": variables, "disp": disp[i]}
     if inverse:
       result["inverse_disp"] = inverse_disp[i]
     if warp:
