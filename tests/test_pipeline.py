@@ -1,18 +1,21 @@
-"""The whole path: one composed field equals affine-then-deformable applied in sequence, and
-scans on different grids need the affine step."""
+"""The whole path: one composed field equals affine-then-deformable applied in sequence, scans on
+different grids need the affine step, and a batch of pairs registers each pair as alone."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from helpers import smooth_field
+from helpers import smooth_field, tiny_config
 import vmjax
 from vmjax import affine
 from vmjax import checks
 from vmjax import io
+from vmjax import networks
 from vmjax import pipeline
 from vmjax import pretrained
+from vmjax import registration
 
 SPACE_AFFINE = np.array([[2.0, 0, 0, -16], [0, 2.0, 0, -16], [0, 0, 2.0, -16], [0, 0, 0, 1]])
 # Three orientations: the model's RAS, a fixed LIA and a moving ASL grid.
@@ -109,3 +112,36 @@ def test_inverse_composition_maps_back():
   assert inside.sum() > 300
   err = np.linalg.norm(back - x, axis=-1)[inside]
   assert err.max() < 0.15 and err.mean() < 0.03, (err.max(), err.mean())
+
+
+@pytest.mark.slow
+def test_a_batch_of_native_pairs_registers_each_pair_as_alone():
+  """register_native_volume_batch (affine steps per pair, one network call and one refinement
+  for all on the model's grid, composition per pair) gives each pair the field, moved scan and
+  refinement steps it gets alone, with and without a given fixed alignment."""
+  config = tiny_config()
+  config.model.int_steps, config.model.int_downsize = 5, 2
+  model = networks.model_from_config(config.model)
+  variables = vmjax.init_variables(model, jax.random.PRNGKey(3), (8, 8, 8))
+  variables = jax.tree_util.tree_map(lambda p: p * 3e4 if p.ndim == 5 and p.shape[-1] == 3
+                                     else p, variables)  # a field far from zero
+  template = io.Volume(image=smooth_image((16, 16, 16), 7), seg=None, affine=SPACE_AFFINE,
+                       path="template")
+  space = pretrained.ModelSpace(shape=(16, 16, 16), affine=SPACE_AFFINE, template=template)
+  _, fixed, moving, *_ = setting()
+  other = io.Volume(image=smooth_image((18, 22, 20), 2), seg=None, affine=FIXED_AFFINE, path="o")
+  pairs = [(moving, fixed), (other, fixed), (moving, other)]
+  alignments = [pipeline.align_to_space(fixed, space), None, None]
+  instance = registration.InstanceOptimisation(steps=40, tol=0.05)
+  batch = pipeline.register_native_volume_batch(model, variables, config, pairs, space,
+                                                instance=instance, diagnostics=False,
+                                                fixed_alignments=alignments)
+  for (m, f), alignment, out in zip(pairs, alignments, batch):
+    alone = pipeline.register_native_volumes(model, variables, config, m, f, space,
+                                             instance=instance, diagnostics=False,
+                                             fixed_alignment=alignment)
+    assert out["disp"].shape == f.image.shape + (3,)
+    np.testing.assert_allclose(out["disp"], alone["disp"], atol=2e-4)
+    np.testing.assert_allclose(out["moved"], alone["moved"], atol=2e-4)
+    np.testing.assert_allclose(out["world"], alone["world"], atol=1e-6)
+    assert out["steps"] == alone["steps"] < 40

@@ -109,44 +109,82 @@ def register_native_volumes(model, variables, config, moving: Volume, fixed: Vol
     ``loss_before`` / ``loss_after`` (the network's loss in the model space) and ``steps`` (the
     instance steps taken), both with ``deformable``.
   """
-  if affine == "none":
-    if not same_grid(moving, fixed):
-      raise DataError(
-          f"--affine=none needs both scans on one voxel grid, but moving {moving.path} "
-          f"{moving.image.shape} and fixed {fixed.path} {fixed.image.shape} differ in shape or "
-          "affine; use --affine=affine to align them first")
-    out = registration.register_aligned_volumes(model, variables, config, moving, fixed,
-                                                instance, inverse)
-    out["world"] = np.eye(4)
-    if diagnostics:
-      out["affine_moved_seg"] = moving.seg
-      out["jacobian_det"] = world_jacobian(out["disp"], fixed, moving)
-    return out
-  if affine != "affine":
+  return register_native_volume_batch(model, variables, config, [(moving, fixed)], space,
+                                      affine, instance, deformable, inverse, diagnostics,
+                                      [fixed_alignment])[0]
+
+
+def register_native_volume_batch(model, variables, config, pairs, space: ModelSpace | None = None,
+                                 affine: str = "affine",
+                                 instance: registration.InstanceOptimisation | None = None,
+                                 deformable: bool = True, inverse: bool = False,
+                                 diagnostics: bool = True, fixed_alignments=None) -> list[dict]:
+  """:func:`register_native_volumes` of several ``(moving, fixed)`` pairs, each on its own
+  grids: the affine steps, resampling, composition and warps per pair, the network and the
+  refinement for all of them in one batch on the model's grid (:func:`vmjax.registration.
+  register_aligned_volume_batch`: each pair gets the result it gets alone, up to rounding).
+  With ``affine="none"`` the pairs' grids must share one shape. ``fixed_alignments``: per pair,
+  the fixed scan's :func:`align_to_space` or None. Returns one dict per pair."""
+  if affine not in ("affine", "none"):
     raise ValueError(f"affine must be 'affine' or 'none', got {affine!r}")
+  if affine == "none":
+    for moving, fixed in pairs:
+      if not same_grid(moving, fixed):
+        raise DataError(
+            f"--affine=none needs both scans on one voxel grid, but moving {moving.path} "
+            f"{moving.image.shape} and fixed {fixed.path} {fixed.image.shape} differ in shape "
+            "or affine; use --affine=affine to align them first")
+    outs = registration.register_aligned_volume_batch(model, variables, config, pairs,
+                                                      instance, inverse)
+    for (moving, fixed), out in zip(pairs, outs):
+      out["world"] = np.eye(4)
+      if diagnostics:
+        out["affine_moved_seg"] = moving.seg
+        out["jacobian_det"] = world_jacobian(out["disp"], fixed, moving)
+    return outs
   if space is None:
     raise ValueError("affine='affine' needs the model's space (vmjax.pretrained.space(...))")
-  with stages.stage("affine: moving to template"):
-    a_moving = affine_lib.affine_register(moving, space.template)
-  if fixed_alignment is None:
-    with stages.stage("affine: fixed to template"):
-      a_fixed = affine_lib.affine_register(fixed, space.template)
-  else:
-    a_fixed = fixed_alignment.world
-  result = {"world": a_moving @ np.linalg.inv(a_fixed)}
-  u_affine = None
-  if diagnostics or not deformable:
-    u_affine = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, None)
-  if diagnostics and moving.seg is not None:
-    result["affine_moved_seg"] = registration.warp_volume(moving, u_affine)["moved_seg"]
+  fixed_alignments = list(fixed_alignments or [None] * len(pairs))
+  worlds = [_affine_steps(moving, fixed, space, alignment)
+            for (moving, fixed), alignment in zip(pairs, fixed_alignments)]
+  outs = [None] * len(pairs)
   if deformable:
     with stages.stage("resample both to the model grid"):
       in_space = stages.sync([
-          affine_lib.resample_volume(moving, a_moving, space.affine, space.shape),
-          fixed_alignment.in_space if fixed_alignment is not None else
-          affine_lib.resample_volume(fixed, a_fixed, space.affine, space.shape)])
-    out = registration.register_aligned_volumes(model, variables, config, *in_space, instance,
-                                                inverse, warp=False)
+          (affine_lib.resample_volume(moving, a_moving, space.affine, space.shape),
+           alignment.in_space if alignment is not None else
+           affine_lib.resample_volume(fixed, a_fixed, space.affine, space.shape))
+          for (moving, fixed), (a_moving, a_fixed), alignment
+          in zip(pairs, worlds, fixed_alignments)])
+    outs = registration.register_aligned_volume_batch(model, variables, config, in_space,
+                                                      instance, inverse, warp=False)
+  return [_on_fixed_grid(moving, fixed, space, a_moving, a_fixed, out, inverse, diagnostics)
+          for (moving, fixed), (a_moving, a_fixed), out in zip(pairs, worlds, outs)]
+
+
+def _affine_steps(moving: Volume, fixed: Volume, space: ModelSpace,
+                  fixed_alignment: Alignment | None) -> tuple[np.ndarray, np.ndarray]:
+  """``(A_m, A_f)``: both scans aligned to the model's template (the fixed one's given)."""
+  with stages.stage("affine: moving to template"):
+    a_moving = affine_lib.affine_register(moving, space.template)
+  if fixed_alignment is not None:
+    return a_moving, fixed_alignment.world
+  with stages.stage("affine: fixed to template"):
+    return a_moving, affine_lib.affine_register(fixed, space.template)
+
+
+def _on_fixed_grid(moving: Volume, fixed: Volume, space: ModelSpace, a_moving: np.ndarray,
+                   a_fixed: np.ndarray, out: dict | None, inverse: bool,
+                   diagnostics: bool) -> dict:
+  """One pair's result on the fixed grid from the model space's ``out`` (None: the affine
+  part alone): the composed field(s), the warped scan and labels, the diagnostics."""
+  result = {"world": a_moving @ np.linalg.inv(a_fixed)}
+  u_affine = None
+  if diagnostics or out is None:
+    u_affine = compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, None)
+  if diagnostics and moving.seg is not None:
+    result["affine_moved_seg"] = registration.warp_volume(moving, u_affine)["moved_seg"]
+  if out is not None:
     with stages.stage("compose onto the fixed grid"):
       u = stages.sync(compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving,
                                             out["disp"]))
