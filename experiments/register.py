@@ -25,6 +25,7 @@ next pair read while one registers):
   python -m experiments.register --moving='subjects/*/t1.nii.gz' --fixed=atlas.nii.gz --outdir=out
   ... --shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT           # an array job's share
   ... --coordinator_address=host:1234 --num_processes=4 --process_id=$i
+  ... --batch=8                       # GPU/TPU: 8 pairs per network call and refinement
 
 Each pair writes ``out/<name>/moved.nii.gz``, ``warp.nii.gz`` (``moved_seg.nii.gz`` with labels;
 ``--write_ants``, ``--write_ants_inverse``) atomically, then its row in ``out/results.csv``
@@ -101,6 +102,10 @@ flags.DEFINE_bool("write_ants_inverse", False, "Cohort: also warp_ants_inverse.n
                   "(diffeomorphic models).")
 flags.DEFINE_string("shard", None, "Cohort: K/N, this job's share of the list (pairs i with "
                     "i %% N == K), for array jobs without a coordinator.")
+flags.DEFINE_integer("batch", 1, "Cohort: up to this many pairs per network call and "
+                     "refinement (GPU/TPU, where memory allows; each pair's result is the one it "
+                     "gets alone; on a CPU, busy with one pair already, it gains nothing).",
+                     lower_bound=1)
 cli.define_distributed_flags(__name__)
 
 
@@ -273,10 +278,12 @@ def run_cohort():
         alignments[pair.fixed] = pipeline.align_to_space(fixed, space)
       return alignments[pair.fixed]
 
-  # Several local devices (GPUs, TPU cores): one worker per device takes the next pair.
+  # Several local devices (GPUs, TPU cores): one worker per device takes the next pairs.
   devices = jax.local_devices()[:len(todo)]
   if len(devices) > 1:
     logging.info("pairs split across %d local devices", len(devices))
+  if FLAGS.batch > 1:
+    logging.info("up to %d pairs per network call and refinement", FLAGS.batch)
   queue = collections.deque(todo)
   progress = {"done": 0, "failed": 0}
   start = time.perf_counter()
@@ -284,23 +291,25 @@ def run_cohort():
   with _Stop() as stop, concurrent.futures.ThreadPoolExecutor(len(devices)) as reader:
 
     def take():
+      """The next ``--batch`` pairs and their reads, submitted now."""
       with lock:
-        return queue.popleft() if queue and not stop.signal else None
+        group = []
+        while queue and not stop.signal and len(group) < FLAGS.batch:
+          group.append(queue.popleft())
+      return [(pair, reader.submit(load, pair)) for pair in group]
 
     def worker(device):
       with jax.default_device(device):
-        pair = take()
-        loading = reader.submit(load, pair) if pair else None
-        while pair is not None:
-          following = take()  # read the next pair while this one registers
-          upcoming = reader.submit(load, following) if following else None
-          row = _register_one(pair, loading, model, variables, config, space, instance,
-                              alignment_for, outdir, extra)
-          cohort.append_result(outdir, row)
-          _log_progress(pair, row, progress, len(todo), start, lock)
+        group = take()
+        while group:
+          following = take()  # read the next pairs while these register
+          for pair, row in _register_group(group, model, variables, config, space, instance,
+                                           alignment_for, outdir, extra):
+            cohort.append_result(outdir, row)
+            _log_progress(pair, row, progress, len(todo), start, lock)
           if stop.signal:
-            return  # a pair read ahead has no row: the rerun registers it
-          pair, loading = following, upcoming
+            return  # pairs read ahead have no row: the rerun registers them
+          group = following
 
     with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
       for future in [pool.submit(worker, d) for d in devices]:
@@ -339,33 +348,68 @@ def _log_progress(pair, row, progress, total, start, lock):
                  progress["failed"])
 
 
-def _register_one(pair, loading, model, variables, config, space, instance, alignment_for,
-                  outdir, extra) -> dict:
-  """One pair of a cohort: its outputs written, and its ``results.csv`` row (``failed`` with
-  the one-line error when anything about it goes wrong)."""
-  row = {"name": pair.name, "moving": pair.moving, "fixed": pair.fixed, "dice": "",
-         "folding_percent": "", "error": ""}
-  start = time.perf_counter()
-  cohort.remove_stale_temporaries(outdir, pair)
-  try:
-    moving, fixed = loading.result()
-    alignment = alignment_for(pair, fixed) if FLAGS.affine == "affine" else None
-    result = pipeline.register_native_volumes(model, variables, config, moving, fixed, space,
-                                              FLAGS.affine, instance,
-                                              inverse="warp_ants_inverse" in extra,
-                                              diagnostics=False, fixed_alignment=alignment)
-    det = np.asarray(pipeline.world_jacobian(result["disp"], fixed, moving))
-    row["folding_percent"] = f"{100.0 * float(np.mean(det <= 0)):.4f}"
-    if moving.seg is not None and fixed.seg is not None:
-      labels = [int(v) for v in np.unique(fixed.seg) if v != 0]
-      dice = evaluation.dice_per_label(result["moved_seg"], fixed.seg, labels)
-      row["dice"] = f"{float(np.nanmean(dice)):.5f}"
-    write_outputs(result, moving, fixed, cohort.pair_outputs(outdir, pair, extra))
-    row["status"] = "ok"
-  except Exception as e:  # pylint: disable=broad-except  # one bad subject: a row, not a stop
-    row.update(status="failed", error=cli.one_line(e))
-  row["seconds"] = f"{time.perf_counter() - start:.2f}"
-  return row
+def _register_group(group, model, variables, config, space, instance, alignment_for, outdir,
+                    extra) -> list[tuple]:
+  """Some pairs of a cohort (``[(pair, its read's future)]``): their outputs written, and each
+  pair's ``results.csv`` row (``failed`` with the one-line error when anything about it goes
+  wrong). Pairs on one grid shape (all of them after the affine step) register in one batch; if
+  that fails, each registers alone, so one bad pair fails alone. Returns ``[(pair, row)]``."""
+  rows, ready = [], []  # ready: (pair, row, moving, fixed, seconds so far)
+  for pair, loading in group:
+    start = time.perf_counter()
+    row = {"name": pair.name, "moving": pair.moving, "fixed": pair.fixed, "dice": "",
+           "folding_percent": "", "error": ""}
+    rows.append((pair, row))
+    cohort.remove_stale_temporaries(outdir, pair)
+    try:
+      moving, fixed = loading.result()
+      ready.append((pair, row, moving, fixed, time.perf_counter() - start))
+    except Exception as e:  # pylint: disable=broad-except  # one bad subject: a row, not a stop
+      row.update(status="failed", error=cli.one_line(e),
+                 seconds=f"{time.perf_counter() - start:.2f}")
+
+  def register(items):
+    fixed_alignments = [alignment_for(pair, fixed) if FLAGS.affine == "affine" else None
+                        for pair, _, _, fixed, _ in items]
+    return pipeline.register_native_volume_batch(
+        model, variables, config, [(moving, fixed) for _, _, moving, fixed, _ in items], space,
+        FLAGS.affine, instance, inverse="warp_ants_inverse" in extra, diagnostics=False,
+        fixed_alignments=fixed_alignments)
+
+  shape_groups = collections.defaultdict(list)  # the model's grid, or each scan's own
+  for item in ready:
+    shape_groups[None if FLAGS.affine == "affine" else item[2].image.shape].append(item)
+  for items in shape_groups.values():
+    start = time.perf_counter()
+    results = None
+    if len(items) > 1:
+      try:
+        results = register(items)
+      except Exception as e:  # pylint: disable=broad-except  # retried pair by pair below
+        logging.warning("a batch of %d pairs failed (%s); registering them one at a time",
+                        len(items), cli.one_line(e))
+    shared = (time.perf_counter() - start) / len(items)
+    for i, (pair, row, moving, fixed, seconds) in enumerate(items):
+      start = time.perf_counter()
+      try:
+        result = results[i] if results else register([items[i]])[0]
+        _finish_pair(pair, row, result, moving, fixed, outdir, extra)
+      except Exception as e:  # pylint: disable=broad-except
+        row.update(status="failed", error=cli.one_line(e))
+      row["seconds"] = f"{seconds + shared + time.perf_counter() - start:.2f}"
+  return rows
+
+
+def _finish_pair(pair, row, result, moving, fixed, outdir, extra):
+  """One registered pair of a cohort: its folding and Dice in ``row``, its files written."""
+  det = np.asarray(pipeline.world_jacobian(result["disp"], fixed, moving))
+  row["folding_percent"] = f"{100.0 * float(np.mean(det <= 0)):.4f}"
+  if moving.seg is not None and fixed.seg is not None:
+    labels = [int(v) for v in np.unique(fixed.seg) if v != 0]
+    dice = evaluation.dice_per_label(result["moved_seg"], fixed.seg, labels)
+    row["dice"] = f"{float(np.nanmean(dice)):.5f}"
+  write_outputs(result, moving, fixed, cohort.pair_outputs(outdir, pair, extra))
+  row["status"] = "ok"
 
 
 def main(argv):
@@ -406,6 +450,8 @@ def main(argv):
 def _check_one_pair_flags():
   if not (FLAGS.moving and FLAGS.fixed):
     raise app.UsageError("give --moving and --fixed (one pair), or --pairs/--outdir (a cohort)")
+  if FLAGS.batch > 1:
+    raise app.UsageError("--batch: pairs per network call in a cohort (--pairs or --outdir)")
   if FLAGS.moved_seg and not FLAGS.moving_seg:
     raise app.UsageError("--moved_seg needs --moving_seg")
   if not (FLAGS.moved or FLAGS.warp or FLAGS.moved_seg or FLAGS.warp_ants):

@@ -209,6 +209,45 @@ def test_a_killed_cohort_resumes_without_redoing_a_finished_pair(trained, tmp_pa
     assert not [f for f in os.listdir(out / name) if f.startswith(".tmp-")]
 
 
+@pytest.mark.slow
+def test_a_batched_cohort_gives_each_pair_its_result_alone_and_a_bad_pair_fails_alone(
+    trained, tmp_path):
+  """--batch=3: three pairs per network call and refinement; each pair's warp and Dice are the
+  unbatched run's, and a pair that fails inside a batch (a moving scan off the fixed grid with
+  --affine=none) fails alone: the batch's other pairs are done."""
+  scans = trained / "scans"
+  source = nib.load(str(scans / "s4.nii.gz"))
+  shifted = source.affine.copy()
+  shifted[:3, 3] += 5.0  # the same shape, another grid
+  for suffix in ("", "_seg"):
+    image = nib.load(str(scans / f"s4{suffix}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), shifted),
+             str(tmp_path / f"offgrid{suffix}.nii.gz"))
+  movings = [str(scans / f"s{i}.nii.gz") for i in (1, 2, 3, 5)]
+  movings.insert(3, str(tmp_path / "offgrid.nii.gz"))  # the second batch: s5's group
+  pairs = _pair_list(trained, tmp_path / "pairs.csv", [(m, None) for m in movings])
+  runs = {}
+  for batch in (3, 1):
+    out = tmp_path / f"batch{batch}"
+    result = subprocess.run(_command(trained, pairs, out, f"--batch={batch}",
+                                     "--instance_steps=12"),
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 3, result.stderr[-3000:]
+    runs[batch] = ({r["name"]: r for r in _rows(out)}, result.stderr)
+  rows, stderr = runs[3]
+  assert "a batch of 2 pairs failed (" in stderr and "one at a time" in stderr
+  assert rows["offgrid"]["status"] == "failed" and "one voxel grid" in rows["offgrid"]["error"]
+  assert sorted(rows) == sorted(runs[1][0])
+  for name in ("s1", "s2", "s3", "s5"):
+    assert rows[name]["status"] == runs[1][0][name]["status"] == "ok", rows[name]
+    assert float(rows[name]["dice"]) == pytest.approx(float(runs[1][0][name]["dice"]),
+                                                      abs=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(nib.load(str(tmp_path / "batch3" / name / "warp.nii.gz")).dataobj),
+        np.asarray(nib.load(str(tmp_path / "batch1" / name / "warp.nii.gz")).dataobj),
+        atol=1e-4)
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
