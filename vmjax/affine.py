@@ -18,7 +18,6 @@ fixed centre of mass). One ``jax.jit`` per level shape: the loop is a ``lax.fori
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -78,11 +77,22 @@ def resample(image: jax.Array, voxel_to_voxel: jax.Array, shape) -> jax.Array:
   return transforms.sample(image[None, ..., None], coords[None], mode="constant")[0, ..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("steps",))
+def _cosine_rate(learning_rate, steps, alpha: float = 0.05):
+  """``optax.cosine_decay_schedule(learning_rate, steps, alpha)`` for a traced ``steps`` (one
+  compiled program serves every step count)."""
+  def rate(count):
+    progress = jnp.minimum(count, steps) / steps
+    return learning_rate * ((1.0 - alpha) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)) + alpha)
+  return rate
+
+
+@jax.jit
 def _optimise(params, mask, fixed, moving, fixed_v2w, moving_w2v, centre, init, learning_rate,
-              steps: int):
-  """``steps`` Adam steps (cosine-decayed rate) on ``-NCC`` over the parameters in ``mask``."""
-  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05))
+              steps):
+  """``steps`` Adam steps (cosine-decayed rate) on ``-NCC`` over the parameters in ``mask``;
+  ``steps`` and ``mask`` are traced, so the rigid and the affine stage of a level share one
+  program. Returns the parameters, their loss and their 4x4 world matrix."""
+  tx = optax.adam(_cosine_rate(learning_rate, steps))
 
   def loss(p):
     world = params_to_matrix(p, centre, init)
@@ -95,7 +105,7 @@ def _optimise(params, mask, fixed, moving, fixed_v2w, moving_w2v, centre, init, 
     return optax.apply_updates(p, updates), opt_state
 
   params, _ = lax.fori_loop(0, steps, body, (params, tx.init(params)))
-  return params, loss(params)
+  return params, loss(params), params_to_matrix(params, centre, init)
 
 
 def _level(volume: Volume, spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +154,7 @@ def affine_register(moving: Volume, fixed: Volume, spacings: Sequence[float] = (
     init[:3, 3] = centre_of_mass(moving) - centre
   params = jnp.zeros(12, jnp.float32)
   args = dict(centre=jnp.asarray(centre, jnp.float32), init=jnp.asarray(init, jnp.float32))
+  matrix = params_to_matrix(params, args["centre"], args["init"]) if not spacings else None
   for spacing in spacings:
     f_image, f_affine = _level(fixed, spacing)
     m_image, m_affine = _level(moving, spacing)
@@ -151,10 +162,9 @@ def affine_register(moving: Volume, fixed: Volume, spacings: Sequence[float] = (
                  fixed_v2w=jnp.asarray(f_affine, jnp.float32),
                  moving_w2v=jnp.asarray(np.linalg.inv(m_affine), jnp.float32), **args)
     for mask, steps in ((RIGID, rigid_steps), (AFFINE, affine_steps)):
-      if steps:
-        params, _ = _optimise(params, jnp.asarray(mask), learning_rate=learning_rate,
-                              steps=int(steps), **level)
-  return np.asarray(params_to_matrix(params, args["centre"], args["init"]), np.float64)
+      params, _, matrix = _optimise(params, jnp.asarray(mask), learning_rate=learning_rate,
+                                    steps=jnp.asarray(int(steps), jnp.int32), **level)
+  return np.asarray(matrix, np.float64)
 
 
 def resample_volume(moving: Volume, world: np.ndarray, grid_affine: np.ndarray, shape,
