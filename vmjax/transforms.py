@@ -219,9 +219,17 @@ def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
   """
   if steps < 0:
     raise ValueError(f"integrate_velocity: steps must be >= 0, got {steps}")
+  disp = velocity / (2.0 ** steps)
+  if kernels.usable(disp):
+    # Native squarings unrolled: in a gradient the loop's stacked residuals cost more than the
+    # calls (80x96x80, 7 steps with the gradient: 157 ms against 183-194 ms as a loop; 2-core
+    # AMD EPYC with AVX512-BF16, 2026-12-06).
+    for _ in range(steps):
+      disp = kernels.compose_self(disp)
+    return disp
   # A loop, not unrolled: XLA:CPU compiles 7 unrolled compositions into code ~100x slower than
   # 7 runs of the one body (80x96x112 forward: 11.4 s vs 0.07-0.10 s).
-  return lax.fori_loop(0, steps, lambda _, disp: _square(disp), velocity / (2.0 ** steps))
+  return lax.fori_loop(0, steps, lambda _, disp: _square(disp), disp)
 
 
 def _square(disp: jax.Array) -> jax.Array:
