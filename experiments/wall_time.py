@@ -68,7 +68,9 @@ def main(argv):
     with tempfile.TemporaryDirectory() as outdir:
       first = time_vmjax(movings[0], FLAGS.fixed, outdir)
       print(f"vmjax first call (fills the caches): {first:.1f} s", flush=True)
-      rows["vmjax-register (default)"] = [time_vmjax(m, FLAGS.fixed, outdir) for m in movings]
+      name = f"vmjax-register {FLAGS.register_args}" if FLAGS.register_args else \
+          "vmjax-register (default)"
+      rows[name] = [time_vmjax(m, FLAGS.fixed, outdir) for m in movings]
   if "ants" in FLAGS.methods:
     try:
       import ants  # noqa: F401
