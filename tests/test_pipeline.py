@@ -31,6 +31,12 @@ def world(angle, shift):
   return m
 
 
+def voxel_map(shape, matrix):
+  """``matrix · x`` for every voxel ``x`` of a grid, in numpy (float64)."""
+  x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
+  return x @ matrix[:3, :3].T + matrix[:3, 3]
+
+
 def smooth_image(shape, seed):
   rng = np.random.default_rng(seed)
   image = ndimage.gaussian_filter(rng.uniform(size=shape), 3.0)
@@ -75,7 +81,7 @@ def test_composed_warp_equals_affine_then_deformable_in_sequence():
                                    output_shape=fixed.image.shape, order=1, mode="nearest")
   # Compare where every stage stayed well inside its grid (one resampling vs three: the
   # sequence reads zeros beyond the moving scan's and the model's grids).
-  t = np.asarray(pipeline.voxel_map(fixed.image.shape, back))
+  t = np.asarray(voxel_map(fixed.image.shape, back))
   y = np.asarray(u) + np.asarray(vmjax.identity_grid(fixed.image.shape))
   inside = (np.all((t > 2) & (t < 13), axis=-1)
             & np.all((y > 3) & (y < np.asarray(moving.image.shape) - 4), axis=-1))
@@ -106,7 +112,7 @@ def test_inverse_composition_maps_back():
                                                mode="nearest") for c in range(3)], -1)
   # Where the path stays inside both grids and the model's grid (edges extrapolate).
   to_model = np.linalg.inv(SPACE_AFFINE) @ np.linalg.inv(a_fixed) @ FIXED_AFFINE
-  t = np.asarray(pipeline.voxel_map(fixed.image.shape, to_model))
+  t = np.asarray(voxel_map(fixed.image.shape, to_model))
   inside = (np.all((t > 2) & (t < 13), axis=-1)
             & np.all((y > 1) & (y < np.asarray(moving.image.shape) - 2), axis=-1))
   assert inside.sum() > 300

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 import vmjax
+from vmjax import transforms
 from helpers import grid_points, smooth_field, smooth_field_fn, textured_volume
 
 SHAPE = (12, 14, 16)
@@ -226,3 +227,19 @@ def test_warp_from_another_grid_matches_scipy(order):
     assert out.shape == (6, 5, 8) and (out == ref).mean() > 0.99
   else:
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_apply_affine_matches_numpy():
+  """Per-component multiply-adds equal a float64 matrix product, for a grid and for points."""
+  rng = np.random.default_rng(2)
+  m = np.eye(4)
+  m[:3] = rng.normal(size=(3, 4)) * [1, 1, 1, 20]
+  shape = (5, 6, 7)
+  grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"),
+                  -1)
+  want = grid @ m[:3, :3].T + m[:3, 3]
+  got = transforms.apply_affine(m, vmjax.identity_grid(shape))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  points = rng.normal(size=(4, 3)) * 100
+  np.testing.assert_allclose(transforms.apply_affine(m[:3], jnp.asarray(points, jnp.float32)),
+                             points @ m[:3, :3].T + m[:3, 3], rtol=1e-5, atol=1e-3)

@@ -18,6 +18,7 @@ fixed centre of mass). One ``jax.jit`` per level shape: the loop is a ``lax.fori
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -72,8 +73,7 @@ def _ncc(a: jax.Array, b: jax.Array) -> jax.Array:
 def resample(image: jax.Array, voxel_to_voxel: jax.Array, shape) -> jax.Array:
   """``image`` sampled (trilinear, 0 outside) at ``voxel_to_voxel · x`` for every voxel ``x``
   of a grid of ``shape``: ``(D, H, W)`` -> ``shape``."""
-  grid = transforms.identity_grid(shape)
-  coords = jnp.einsum("ij,...j->...i", voxel_to_voxel[:3, :3], grid) + voxel_to_voxel[:3, 3]
+  coords = transforms.apply_affine(voxel_to_voxel, transforms.identity_grid(shape))
   return transforms.sample(image[None, ..., None], coords[None], mode="constant")[0, ..., 0]
 
 
@@ -167,14 +167,19 @@ def affine_register(moving: Volume, fixed: Volume, spacings: Sequence[float] = (
   return np.asarray(matrix, np.float64)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _affine_displacement(shape, voxel_to_voxel: jax.Array) -> jax.Array:
+  """``voxel_to_voxel · x - x`` for every voxel ``x`` of a grid of ``shape``, ``(D, H, W, 3)``."""
+  grid = transforms.identity_grid(shape)
+  return transforms.apply_affine(voxel_to_voxel, grid) - grid
+
+
 def resample_volume(moving: Volume, world: np.ndarray, grid_affine: np.ndarray, shape,
                     path: str | None = None) -> Volume:
   """``moving`` (image trilinear, labels nearest) on the grid ``(grid_affine, shape)``, through
   the world matrix ``world`` (grid world -> moving world)."""
   v2v = jnp.asarray(np.linalg.inv(moving.affine) @ world @ grid_affine, jnp.float32)
-  grid = transforms.identity_grid(tuple(shape))
-  disp = jnp.einsum("ij,...j->...i", v2v[:3, :3], grid) + v2v[:3, 3] - grid
-  out = registration.warp_volume(moving, disp)
+  out = registration.warp_volume(moving, _affine_displacement(tuple(int(n) for n in shape), v2v))
   return Volume(image=np.asarray(out["moved"]),
                 seg=None if moving.seg is None else np.asarray(out["moved_seg"]),
                 affine=np.asarray(grid_affine, np.float64), path=path or moving.path, header=None)

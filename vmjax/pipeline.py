@@ -14,6 +14,7 @@ coordinates is what :mod:`vmjax.ants_io` writes for ANTs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,25 +50,24 @@ def same_grid(a: Volume, b: Volume) -> bool:
   return a.image.shape == b.image.shape and np.allclose(a.affine, b.affine, atol=1e-3)
 
 
-def voxel_map(points_shape, matrix: np.ndarray) -> jax.Array:
-  """``matrix · x`` (4x4, voxel to voxel) for every voxel ``x`` of a grid, ``(D, H, W, 3)``."""
-  grid = transforms.identity_grid(points_shape)
-  m = jnp.asarray(matrix, jnp.float32)
-  return jnp.einsum("ij,...j->...i", m[:3, :3], grid) + m[:3, 3]
-
-
 def compose_on_fixed_grid(fixed: Volume, moving: Volume, space: ModelSpace, a_fixed: np.ndarray,
                           a_moving: np.ndarray, disp: jax.Array | None) -> jax.Array:
   """The composed displacement ``u`` ``(D, H, W, 3)`` on the fixed grid (module docstring);
   ``disp=None``: the affine part alone."""
   to_model = np.linalg.inv(space.affine) @ np.linalg.inv(a_fixed) @ fixed.affine
-  t = voxel_map(fixed.image.shape, to_model)
+  to_moving = np.linalg.inv(moving.affine) @ a_moving @ space.affine
+  return _composed(tuple(fixed.image.shape), jnp.asarray(to_model, jnp.float32),
+                   jnp.asarray(to_moving, jnp.float32), disp)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _composed(shape, to_model: jax.Array, to_moving: jax.Array, disp: jax.Array | None):
+  grid = transforms.identity_grid(shape)
+  t = transforms.apply_affine(to_model, grid)  # x's voxel on the model's grid
   if disp is not None:
     # d(t): the network's field sampled at t, edge values outside the model's grid.
     t = t + transforms.sample(disp[None], t[None], mode="nearest")[0]
-  to_moving = jnp.asarray(np.linalg.inv(moving.affine) @ a_moving @ space.affine, jnp.float32)
-  y = jnp.einsum("ij,...j->...i", to_moving[:3, :3], t) + to_moving[:3, 3]
-  return y - transforms.identity_grid(fixed.image.shape)
+  return transforms.apply_affine(to_moving, t) - grid
 
 
 def world_jacobian(u: jax.Array, fixed: Volume, moving: Volume) -> jax.Array:

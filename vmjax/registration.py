@@ -458,9 +458,13 @@ def warp_volume(volume, disp: jax.Array) -> dict:
   """``moved`` (trilinear) and, if the volume has labels, ``moved_seg`` (nearest) of a
   :class:`vmjax.io.Volume` warped by ``disp`` ``(D, H, W, 3)`` (voxels of the volume's grid;
   the output is on the field's grid)."""
-  out = {"moved": transforms.warp(jnp.asarray(volume.image)[None, ..., None],
-                                   disp[None])[0, ..., 0]}
-  if volume.seg is not None:
-    out["moved_seg"] = transforms.warp(jnp.asarray(volume.seg)[None, ..., None], disp[None],
-                                       order=0)[0, ..., 0]
+  return _warped(jnp.asarray(volume.image), None if volume.seg is None else
+                 jnp.asarray(volume.seg), disp)
+
+
+@jax.jit
+def _warped(image: jax.Array, seg: jax.Array | None, disp: jax.Array) -> dict:
+  out = {"moved": transforms.warp(image[None, ..., None], disp[None])[0, ..., 0]}
+  if seg is not None:
+    out["moved_seg"] = transforms.warp(seg[None, ..., None], disp[None], order=0)[0, ..., 0]
   return out
