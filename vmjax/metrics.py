@@ -22,10 +22,18 @@ def jacobian_determinant(disp: jax.Array) -> jax.Array:
     raise ValueError(f"jacobian_determinant expects disp (B, D, H, W, 3), got {disp.shape}")
   if min(disp.shape[1:4]) < 2:
     raise ValueError(f"jacobian_determinant needs >= 2 voxels per axis, got {disp.shape}")
-  # grads[j][..., i] = d disp_i / d x_j
+  return _jacobian_determinant(disp)
+
+
+@jax.jit
+def _jacobian_determinant(disp: jax.Array) -> jax.Array:
+  # grads[j][..., i] = d disp_i / d x_j; the 3x3 determinant by cofactors (jnp.linalg.det
+  # factorises each matrix: 0.5 s against ~0.05 s for a 256x256x160 field on 2 CPU cores).
   grads = jnp.gradient(disp.astype(jnp.float32), axis=(1, 2, 3))
-  jac = jnp.stack(grads, axis=-1) + jnp.eye(3, dtype=jnp.float32)  # (..., i, j)
-  return jnp.linalg.det(jac)
+  j = [[grads[c][..., r] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
+  return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+          - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+          + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
 def folding_fraction(disp: jax.Array) -> jax.Array:
