@@ -191,21 +191,23 @@ def write_outputs(result: dict, moving, fixed, paths: dict) -> list[str]:
   the GIL). Returns what was written, for the log."""
   paths = {k: p for k, p in paths.items() if p}
   with stages.stage("fields and images to the host"):
-    disp = np.asarray(result["disp"], np.float32)
+    # Fortran-ordered (NIfTI's order, transposed by XLA), the ANTs fields converted there too.
     jobs = {}  # output -> (write, array)
     if "moved" in paths:
       jobs["moved"] = (lambda p, a: io.save_volume(p, a, like=fixed),
-                       np.asarray(result["moved"], np.float32))
+                       io.fortran_order(result["moved"].astype(np.float32)))
     if "warp" in paths:
-      jobs["warp"] = (lambda p, a: io.save_volume(p, a, like=fixed), disp)
+      jobs["warp"] = (lambda p, a: io.save_volume(p, a, like=fixed),
+                      io.fortran_order(result["disp"].astype(np.float32)))
     if "moved_seg" in paths:
       jobs["moved_seg"] = (lambda p, a: io.save_volume(p, a, like=fixed, key="seg"),
-                           np.asarray(result["moved_seg"]).astype(np.int32))
+                           io.fortran_order(result["moved_seg"].astype(np.int32)))
     if "warp_ants" in paths:
-      jobs["warp_ants"] = (lambda p, a: ants_io.save_ants_warp(p, a, fixed, moving), disp)
+      jobs["warp_ants"] = (lambda p, a: ants_io.save_ants_warp(p, a, fixed, moving),
+                           result["disp"])
     if "warp_ants_inverse" in paths:
       jobs["warp_ants_inverse"] = (lambda p, a: ants_io.save_ants_warp(p, a, moving, fixed),
-                                   np.asarray(result["inverse_disp"], np.float32))
+                                   result["inverse_disp"])
   with stages.stage(f"write {len(jobs)} files (side by side)"):
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
       futures = [pool.submit(write, paths[k], array) for k, (write, array) in jobs.items()]

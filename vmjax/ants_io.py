@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
 from vmjax.atomic import atomic_path
 from vmjax.checks import DataError
 from vmjax.io import Volume
+from vmjax.io import fortran_order
 from vmjax.io import save_nifti
 
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # its own inverse: LPS -> RAS is the same flip
@@ -45,35 +48,38 @@ def itk_geometry(affine: np.ndarray) -> tuple[list, list, np.ndarray]:
           RAS_TO_LPS[:, None] * (linear / spacing))
 
 
-def world_displacement(disp: np.ndarray, fixed: Volume, moving: Volume,
-                       flip: np.ndarray | None = None) -> np.ndarray:
+def world_displacement(disp, fixed: Volume, moving: Volume,
+                       flip: np.ndarray | None = None) -> jax.Array:
   """``q - p`` in RAS mm, ``(D, H, W, 3)`` float32, for a voxel field ``disp`` on the fixed grid
   (``flip``: a per-component sign applied to the result, e.g. :data:`RAS_TO_LPS`).
 
   Computed as ``M_m u + (M_m - M_f) x + (t_m - t_f)`` (``M``, ``t`` the affines' linear parts
   and translations): no millimetre coordinates of the size of the scanner's origin cancel, so
   float32 rounds only the result (1e-4 mm at 600 mm) where the float64 difference of
-  ``V_m (x + u)`` and ``V_f x`` took a 256x256x160 field 5x as long (2.4 s); the voxel index
-  enters per axis, broadcast, never as a grid."""
+  ``V_m (x + u)`` and ``V_f x`` took a 256x256x160 field 5x as long; the voxel index enters per
+  axis (its products in float64, then float32), broadcast, never as a grid; one fused XLA pass
+  (0.52 s in numpy)."""
   flip = np.ones(3) if flip is None else np.asarray(flip, np.float64)
   m_lin, f_lin = moving.affine[:3, :3], fixed.affine[:3, :3]
   lin = (flip[:, None] * m_lin).astype(np.float32)
   diff = flip[:, None] * (m_lin - f_lin)
-  offset = flip * (moving.affine[:3, 3] - fixed.affine[:3, 3])
-  disp = np.asarray(disp, np.float32)
-  index = [np.arange(n, dtype=np.float64) for n in disp.shape[:3]]
-  out = np.empty(disp.shape[:3] + (3,), np.float32)
-  for r in range(3):
-    per_axis = [(diff[r, a] * index[a]).astype(np.float32) for a in range(3)]
-    out[..., r] = (lin[r, 0] * disp[..., 0] + lin[r, 1] * disp[..., 1] + lin[r, 2] * disp[..., 2]
-                   + (per_axis[0][:, None, None] + np.float32(offset[r]))
-                   + per_axis[1][None, :, None] + per_axis[2][None, None, :])
-  return out
+  offset = (flip * (moving.affine[:3, 3] - fixed.affine[:3, 3])).astype(np.float32)
+  index = [np.arange(n, dtype=np.float64) for n in np.shape(disp)[:3]]
+  per_axis = [[(diff[r, a] * index[a]).astype(np.float32) for a in range(3)] for r in range(3)]
+  return _world_displacement(jnp.asarray(disp, jnp.float32), lin, per_axis, offset)
+
+
+@jax.jit
+def _world_displacement(disp, lin, per_axis, offset):
+  rows = [lin[r, 0] * disp[..., 0] + lin[r, 1] * disp[..., 1] + lin[r, 2] * disp[..., 2]
+          + (per_axis[r][0][:, None, None] + offset[r]) + per_axis[r][1][None, :, None]
+          + per_axis[r][2][None, None, :] for r in range(3)]
+  return jnp.stack(rows, axis=-1)
 
 
 def save_ants_warp(path: str, disp: np.ndarray, fixed: Volume, moving: Volume) -> None:
   """Writes ``disp`` as an ITK displacement field NIfTI (atomically)."""
-  lps = world_displacement(disp, fixed, moving, flip=RAS_TO_LPS)
+  lps = fortran_order(world_displacement(disp, fixed, moving, flip=RAS_TO_LPS))
   img = nib.Nifti1Image(lps[:, :, :, None, :], fixed.affine)
   img.header.set_intent("vector")
   img.header.set_xyzt_units("mm")

