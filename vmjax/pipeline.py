@@ -13,6 +13,7 @@ coordinates is what :mod:`vmjax.ants_io` writes for ANTs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 
@@ -164,13 +165,16 @@ def register_native_volume_batch(model, variables, config, pairs, space: ModelSp
 
 def _affine_steps(moving: Volume, fixed: Volume, space: ModelSpace,
                   fixed_alignment: Alignment | None) -> tuple[np.ndarray, np.ndarray]:
-  """``(A_m, A_f)``: both scans aligned to the model's template (the fixed one's given)."""
-  with stages.stage("affine: moving to template"):
-    a_moving = affine_lib.affine_register(moving, space.template)
+  """``(A_m, A_f)``: both scans aligned to the model's template (the fixed one's given), side
+  by side: XLA:CPU keeps 2 cores only partly busy with one alignment's small volumes, and one
+  thread's tracing overlaps the other's steps (2-core AMD EPYC Zen 4: 2.7 -> 2.3 s warm)."""
   if fixed_alignment is not None:
-    return a_moving, fixed_alignment.world
-  with stages.stage("affine: fixed to template"):
-    return a_moving, affine_lib.affine_register(fixed, space.template)
+    with stages.stage("affine: moving to template"):
+      return affine_lib.affine_register(moving, space.template), fixed_alignment.world
+  with stages.stage("affine: both scans to template (side by side)"):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      a_fixed = pool.submit(affine_lib.affine_register, fixed, space.template)
+      return affine_lib.affine_register(moving, space.template), a_fixed.result()
 
 
 def _on_fixed_grid(moving: Volume, fixed: Volume, space: ModelSpace, a_moving: np.ndarray,
