@@ -28,7 +28,8 @@ def jacobian_determinant(disp: jax.Array) -> jax.Array:
 @jax.jit
 def _jacobian_determinant(disp: jax.Array) -> jax.Array:
   # grads[j][..., i] = d disp_i / d x_j; the 3x3 determinant by cofactors (jnp.linalg.det
-  # factorises each matrix: 0.5 s against ~0.05 s for a 256x256x160 field on 2 CPU cores).
+  # factorises each matrix: a 256x256x160 field's determinants, gradients included, 0.51 s
+  # eager against 0.25 s; 2-core AMD EPYC Zen 4, 2026-12-06).
   grads = jnp.gradient(disp.astype(jnp.float32), axis=(1, 2, 3))
   j = [[grads[c][..., r] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
   return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])

@@ -233,8 +233,8 @@ def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
   disp = velocity / (2.0 ** steps)
   if kernels.usable(disp):
     # Native squarings unrolled: in a gradient the loop's stacked residuals cost more than the
-    # calls (80x96x80, 7 steps with the gradient: 157 ms against 183-194 ms as a loop; 2-core
-    # AMD EPYC with AVX512-BF16, 2026-12-06).
+    # calls (80x96x80, 7 steps with the gradient: 166 ms against 185 ms as a loop, medians of
+    # 15 alternated runs; 2-core AMD EPYC Zen 4 with AVX512-BF16, 2026-12-06).
     for _ in range(steps):
       disp = kernels.compose_self(disp)
     return disp
