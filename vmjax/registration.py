@@ -115,8 +115,8 @@ def _adam(loss: Callable, steps: int, x, learning_rate: float, tol: float = 0.0)
   ``tol > 0``: each item stops once converged, when its last :data:`CONVERGENCE_WINDOW` steps
   lowered its loss by less than ``tol`` times its whole decrease since the start (scale-free:
   no loss units; at least that many steps); a stopped item keeps its iterate while the others go
-  on, so it ends where it would alone. Returns ``(x, steps taken)``, the steps ``(B,)`` per item
-  for a vector loss."""
+  on, so it ends where it would alone. Returns ``(x, steps taken)``: with ``tol`` and a vector
+  loss the steps of each item ``(B,)``, otherwise one count for all."""
   tx = optax.adam(learning_rate)
   if not tol:
     grad = jax.grad(lambda x: jnp.sum(loss(x)))
@@ -126,9 +126,7 @@ def _adam(loss: Callable, steps: int, x, learning_rate: float, tol: float = 0.0)
       updates, opt_state = tx.update(grad(x), opt_state, x)
       return optax.apply_updates(x, updates), opt_state
 
-    x = lax.fori_loop(0, steps, body, (x, tx.init(x)))[0]
-    items = jax.eval_shape(loss, x).shape
-    return x, jnp.full(items, steps, jnp.int32)
+    return lax.fori_loop(0, steps, body, (x, tx.init(x)))[0], jnp.asarray(steps, jnp.int32)
 
   window = CONVERGENCE_WINDOW
   items = jax.eval_shape(loss, x).shape  # () or (B,)
