@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
+from vmjax import transforms
 from vmjax.atomic import atomic_path
 from vmjax.checks import DataError
 from vmjax.io import Volume
@@ -66,19 +67,20 @@ def world_displacement(disp, fixed: Volume, moving: Volume,
   offset = (flip * (moving.affine[:3, 3] - fixed.affine[:3, 3])).astype(np.float32)
   index = [np.arange(n, dtype=np.float64) for n in np.shape(disp)[:3]]
   per_axis = [[(diff[r, a] * index[a]).astype(np.float32) for a in range(3)] for r in range(3)]
-  return _world_displacement(jnp.asarray(disp, jnp.float32), lin, per_axis, offset)
+  return _world_displacement(jnp.asarray(disp, jnp.float32), np.c_[lin, offset], per_axis)
 
 
 @jax.jit
-def _world_displacement(disp, lin, per_axis, offset):
-  rows = [lin[r, 0] * disp[..., 0] + lin[r, 1] * disp[..., 1] + lin[r, 2] * disp[..., 2]
-          + (per_axis[r][0][:, None, None] + offset[r]) + per_axis[r][1][None, :, None]
-          + per_axis[r][2][None, None, :] for r in range(3)]
-  return jnp.stack(rows, axis=-1)
+def _world_displacement(disp, linear, per_axis):
+  """``linear · u`` (3x4: ``M_m`` and ``t_m - t_f``, flipped) plus the index terms per axis."""
+  index_terms = jnp.stack([per_axis[r][0][:, None, None] + per_axis[r][1][None, :, None]
+                           + per_axis[r][2][None, None, :] for r in range(3)], axis=-1)
+  return transforms.apply_affine(linear, disp) + index_terms
 
 
-def save_ants_warp(path: str, disp: np.ndarray, fixed: Volume, moving: Volume) -> None:
-  """Writes ``disp`` as an ITK displacement field NIfTI (atomically)."""
+def save_ants_warp(path: str, disp, fixed: Volume, moving: Volume) -> None:
+  """Writes ``disp`` (a vmjax voxel field on the fixed grid, jax or numpy) as an ITK
+  displacement field NIfTI (atomically)."""
   lps = fortran_order(world_displacement(disp, fixed, moving, flip=RAS_TO_LPS))
   img = nib.Nifti1Image(lps[:, :, :, None, :], fixed.affine)
   img.header.set_intent("vector")
