@@ -191,7 +191,8 @@ def write_outputs(result: dict, moving, fixed, paths: dict) -> list[str]:
   the GIL). Returns what was written, for the log."""
   paths = {k: p for k, p in paths.items() if p}
   with stages.stage("fields and images to the host"):
-    # Fortran-ordered (NIfTI's order, transposed by XLA), the ANTs fields converted there too.
+    # Fortran-ordered (NIfTI's order, transposed by XLA); the ANTs fields are converted and
+    # transposed by their writers (ants_io.save_ants_warp), side by side below.
     jobs = {}  # output -> (write, array)
     if "moved" in paths:
       jobs["moved"] = (lambda p, a: io.save_volume(p, a, like=fixed),
