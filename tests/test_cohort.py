@@ -299,6 +299,8 @@ def test_a_glob_pairs_every_match_with_the_atlas(tmp_path):
     (["--outdir=o"], "--outdir needs --pairs"),
     (["--pairs=x.csv", "--outdir=o", "--moved=m.nii.gz"], "one-pair flags"),
     (["--pairs=x.csv", "--outdir=o", "--shard=3/3"], "K/N"),
+    (["--moving=m.nii.gz", "--fixed=f.nii.gz", "--warp=w.nii.gz", "--batch=2"],
+     "--batch: pairs per network call in a cohort"),
 ])
 @pytest.mark.slow
 def test_cohort_usage_errors_are_one_clear_message(args, message, tmp_path):
