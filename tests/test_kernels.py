@@ -178,6 +178,81 @@ def test_mean_matches_numpy_in_float64_and_its_gradient(shape):
 def test_the_losses_take_the_mean_apart_on_the_cpu():
   x = jnp.asarray(np.random.default_rng(14).normal(size=(1, 6, 7, 5, 1)).astype(np.float32))
   y = x + 0.3 * jnp.asarray(np.random.default_rng(15).normal(size=x.shape).astype(np.float32))
-  assert "vmjax_sum" in jax.jit(lambda a, b: losses.ncc_loss(a, b)).lower(x, y).as_text()
+  assert "vmjax_sum" in jax.jit(lambda a, b: losses.mse_loss(a, b)).lower(x, y).as_text()
   np.testing.assert_allclose(float(losses.mse_loss(x, y)),
                              np.mean((np.asarray(x, np.float64) - np.asarray(y)) ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["constant", "nearest"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_trilinear_of_a_displacement_matches_sampling_at_the_grid_plus_it(mode, channels):
+  # relative=True samples each voxel of the field's grid (here not the image's) at its index
+  # plus the displacement: the same values and gradients as the coordinates in memory.
+  image, coords = _sample_case(16, (7, 9, 6), (5, 8, 11), channels)
+  grid = transforms.identity_grid(coords.shape[1:4])[None]
+  disp = coords - grid
+  weights = jnp.asarray(np.random.default_rng(17).normal(size=coords.shape[:4] + (channels,))
+                        .astype(np.float32))
+
+  def loss(sample):
+    return jax.jit(jax.value_and_grad(lambda i, d: jnp.sum(weights * jnp.sin(sample(i, d))),
+                                      argnums=(0, 1)))
+
+  native, (d_image, d_disp) = loss(lambda i, d: kernels.trilinear(i, d, mode, True))(image, disp)
+  reference, (r_image, r_disp) = loss(
+      lambda i, d: transforms._trilinear_xla(i, grid + d, mode))(image, disp)
+  np.testing.assert_allclose(native, reference, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(d_image, r_image, atol=2e-5)
+  np.testing.assert_allclose(d_disp, r_disp, atol=2e-5)
+  assert "vmjax_trilinear" in jax.jit(transforms.warp).lower(image, disp).as_text()
+
+
+def _ncc_xla(fixed, moved, window):
+  """NCC from XLA's box sums and mean alone (no native call), the kernel's reference."""
+  c = fixed.shape[-1]
+  fixed_sums = losses.box_sum_xla(jnp.concatenate([fixed, fixed * fixed], -1), window)
+  sums = losses.box_sum_xla(jnp.concatenate([moved, moved * moved, fixed * moved], -1), window)
+  sum_f, sum_ff = fixed_sums[..., :c], fixed_sums[..., c:]
+  sum_m, sum_mm, sum_fm = (sums[..., i * c:(i + 1) * c] for i in range(3))
+  n = float(window ** 3)
+  cross = sum_fm - sum_f * sum_m / n
+  var_f = jnp.maximum(sum_ff - sum_f * sum_f / n, 0.0)
+  var_m = jnp.maximum(sum_mm - sum_m * sum_m / n, 0.0)
+  return -jnp.mean(cross * cross / (var_f * var_m + 1e-5))
+
+
+@pytest.mark.parametrize("shape,window", [((2, 7, 9, 11, 1), 3), ((1, 12, 10, 8, 2), 9),
+                                          ((1, 5, 6, 7, 1), 5), ((1, 3, 4, 5, 1), 9)])
+def test_ncc_matches_the_xla_reference_with_its_gradients(shape, window):
+  rng = np.random.default_rng(18)
+  fixed = rng.normal(size=shape).astype(np.float32)
+  fixed[:, :2] = 1.0  # a constant region: clamped variances, cc ~ 0 there
+  moved = (0.6 * fixed + rng.normal(size=shape)).astype(np.float32)
+  fixed, moved = jnp.asarray(fixed), jnp.asarray(moved)
+  native, native_grads = jax.jit(jax.value_and_grad(
+      lambda f, m: kernels.ncc_loss(f, m, window), argnums=(0, 1)))(fixed, moved)
+  reference, reference_grads = jax.value_and_grad(
+      lambda f, m: _ncc_xla(f, m, window), argnums=(0, 1))(fixed, moved)
+  np.testing.assert_allclose(native, reference, rtol=1e-5)
+  for n, r in zip(native_grads, reference_grads):
+    np.testing.assert_allclose(n, r, rtol=1e-4, atol=1e-3 * float(jnp.max(jnp.abs(r))))
+  # The loss's own path on the CPU is this kernel.
+  assert "vmjax_ncc_grad" in jax.jit(jax.grad(
+      lambda m: losses.ncc_loss(fixed, m, window))).lower(moved).as_text()
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 11, 13), (1, 7, 16, 9)])
+def test_compose_self_of_a_smooth_field_matches_compose_and_its_gradient(shape):
+  # Small smooth displacements: nearly every sample has all 8 corners inside the field (the
+  # kernel's fast, vectorised path where the CPU has AVX2), the rest lie on the edges.
+  rng = np.random.default_rng(19)
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape[1:]], indexing="ij"), -1)
+  phases = rng.uniform(0, 2 * np.pi, size=(shape[0], 1, 1, 1, 3))
+  u = jnp.asarray((1.3 * np.sin(0.4 * grid.sum(-1)[None, ..., None] + phases))
+                  .astype(np.float32))
+  np.testing.assert_allclose(jax.jit(kernels.compose_self)(u), transforms.compose(u, u),
+                             atol=1e-5)
+  g = jnp.asarray(rng.normal(size=u.shape).astype(np.float32))
+  grad_native = jax.jit(jax.grad(lambda u: jnp.sum(g * jnp.sin(kernels.compose_self(u)))))(u)
+  grad_xla = jax.grad(lambda u: jnp.sum(g * jnp.sin(transforms.compose(u, u))))(u)
+  np.testing.assert_allclose(grad_native, grad_xla, atol=2e-5)

@@ -42,6 +42,9 @@ _TARGETS = {"vmjax_trilinear": "VmjaxTrilinear",
             "vmjax_trilinear_grad_coords": "VmjaxTrilinearGradCoords",
             "vmjax_trilinear_grad_image": "VmjaxTrilinearGradImage",
             "vmjax_box_sum": "VmjaxBoxSum",
+            "vmjax_ncc_sums": "VmjaxNccSums",
+            "vmjax_ncc_cc_sum": "VmjaxNccCcSum",
+            "vmjax_ncc_grad": "VmjaxNccGrad",
             "vmjax_upsample2": "VmjaxUpsample2",
             "vmjax_upsample2_t": "VmjaxUpsample2T",
             "vmjax_compose_self": "VmjaxComposeSelf",
@@ -76,25 +79,29 @@ def _call(target: str, shape, *args, **attrs):
                           vmap_method="sequential")(*args, **attrs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def trilinear(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def trilinear(image: jax.Array, coords: jax.Array, mode: str, relative: bool = False
+              ) -> jax.Array:
   """Trilinear samples of ``image`` ``(B, Di, Hi, Wi, C)`` at ``coords`` ``(B, D, H, W, 3)``
   (voxel indices of ``image``) -> ``(B, D, H, W, C)``, float32, CPU only; ``mode``
-  ``"constant"`` (0 outside) or ``"nearest"`` (indices clamped). Differentiable in both."""
+  ``"constant"`` (0 outside) or ``"nearest"`` (indices clamped). ``relative``: ``coords`` is a
+  displacement, each sample at its own grid index plus it (a warp without the coordinates in
+  memory: XLA:CPU takes as long to add the index grid as the kernel takes to sample).
+  Differentiable in both."""
   return _call("vmjax_trilinear", coords.shape[:4] + image.shape[-1:], image, coords,
-               mode=MODES[mode])
+               mode=MODES[mode], relative=int(relative))
 
 
-def _trilinear_fwd(image, coords, mode):
-  return trilinear(image, coords, mode), (image, coords)
+def _trilinear_fwd(image, coords, mode, relative):
+  return trilinear(image, coords, mode, relative), (image, coords)
 
 
-def _trilinear_bwd(mode, residuals, g):
+def _trilinear_bwd(mode, relative, residuals, g):
   image, coords = residuals
+  attrs = {"mode": MODES[mode], "relative": int(relative)}
   # Two calls: XLA drops the scatter-add when the image is a constant (the moving scan).
-  d_coords = _call("vmjax_trilinear_grad_coords", coords.shape, image, coords, g,
-                   mode=MODES[mode])
-  d_image = _call("vmjax_trilinear_grad_image", image.shape, image, coords, g, mode=MODES[mode])
+  d_coords = _call("vmjax_trilinear_grad_coords", coords.shape, image, coords, g, **attrs)
+  d_image = _call("vmjax_trilinear_grad_image", image.shape, image, coords, g, **attrs)
   return d_image, d_coords
 
 
@@ -117,6 +124,36 @@ def _box_sum_bwd(window, _, g):
 
 
 box_sum.defvjp(_box_sum_fwd, _box_sum_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def ncc_loss(fixed: jax.Array, moved: jax.Array, window: int) -> jax.Array:
+  """:func:`vmjax.losses.ncc_loss` natively (``(B, D, H, W, C)`` float32, CPU only): the box
+  sums of the moved image's terms built and summed in one call, ``cc`` and its mean in another
+  (XLA:CPU's elementwise passes over these 59 MB maps cost as much as the sums), the gradient
+  in a third. The fixed scan's sums are a call of their own: loop-invariant in a refinement,
+  XLA hoists them. Differentiable in both images (cc is symmetric in them)."""
+  return _ncc_fwd(fixed, moved, window)[0]
+
+
+def _ncc_fwd(fixed, moved, window):
+  c = fixed.shape[-1]
+  fixed_sums = box_sum(jnp.concatenate([fixed, fixed * fixed], axis=-1), window)
+  sums = _call("vmjax_ncc_sums", fixed.shape[:-1] + (3 * c,), fixed, moved, window=int(window))
+  total = _call("vmjax_ncc_cc_sum", (), fixed_sums, sums, window=int(window))
+  return -total / fixed.size, (fixed, moved, fixed_sums, sums)
+
+
+def _ncc_bwd(window, residuals, g):
+  fixed, moved, fixed_sums, sums = residuals
+  g = jnp.reshape(g, (1,)).astype(jnp.float32)
+  # Two calls: XLA drops the fixed scan's gradient where nothing asks for it.
+  grads = [_call("vmjax_ncc_grad", fixed.shape, fixed, moved, fixed_sums, sums, g,
+                 window=int(window), wrt_fixed=wrt) for wrt in (1, 0)]
+  return tuple(grads)
+
+
+ncc_loss.defvjp(_ncc_fwd, _ncc_bwd)
 
 
 @jax.custom_vjp

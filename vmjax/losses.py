@@ -65,7 +65,8 @@ def ncc_loss(fixed: jax.Array, moved: jax.Array, window: int = 9) -> jax.Array:
   ``cross = Σfm - Σf Σm / n`` and ``var = Σx² - (Σx)² / n``, which is what is computed (fewer
   cancellations). Variances are clamped at 0 so rounding never makes the denominator tiny:
   constant regions give ``cc ≈ 0``, never NaN or Inf. The box sums are separable running sums
-  (:func:`box_sum`), not a dense 9x9x9 convolution.
+  (:func:`box_sum`), not a dense 9x9x9 convolution. On the CPU the whole loss and its gradient
+  are native calls (:func:`vmjax.kernels.ncc_loss`; :func:`ncc_loss_xla` elsewhere).
 
   Args:
     fixed, moved: ``(B, D, H, W, C)`` images.
@@ -80,6 +81,13 @@ def ncc_loss(fixed: jax.Array, moved: jax.Array, window: int = 9) -> jax.Array:
     raise ValueError(f"ncc_loss: fixed {fixed.shape} and moved {moved.shape} differ in shape")
   f = fixed.astype(jnp.float32)
   m = moved.astype(jnp.float32)
+  return kernels.on_cpu(functools.partial(kernels.ncc_loss, window=window),
+                        functools.partial(ncc_loss_xla, window=window), f, m)
+
+
+def ncc_loss_xla(fixed: jax.Array, moved: jax.Array, window: int = 9) -> jax.Array:
+  """:func:`ncc_loss` in XLA (every platform; the native kernel's reference), float32 inputs."""
+  f, m = fixed, moved
   c = f.shape[-1]
   # Two calls: in a gradient with respect to the moved image (and in a loop over a fixed scan)
   # the fixed scan's sums are constants, so XLA prunes their backward pass (and hoists them).

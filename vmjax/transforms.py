@@ -111,6 +111,16 @@ def _trilinear(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
                         functools.partial(_trilinear_xla, mode=mode), image, coords)
 
 
+def _warp_trilinear(image: jax.Array, disp: jax.Array, mode: str) -> jax.Array:
+  """Trilinear samples of ``image`` at each voxel of ``disp``'s grid plus ``disp``; on the CPU
+  (float32 images) :func:`vmjax.kernels.trilinear` with the displacement itself (no grid of
+  coordinates in memory), elsewhere :func:`_trilinear_xla` at the coordinates."""
+  return kernels.on_cpu(
+      functools.partial(kernels.trilinear, mode=mode, relative=True),
+      lambda image, disp: _trilinear_xla(image, identity_grid(disp.shape[1:4]) + disp, mode),
+      image, disp)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _trilinear_xla(image: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
   """Trilinear samples of ``image`` ``(B, D, H, W, C)`` at ``coords`` ``(B, D, H, W, 3)``, f32.
@@ -189,10 +199,10 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "constan
     raise ValueError(f"warp: order must be 0 (nearest) or 1 (trilinear), got {order}")
   if mode not in _MODES:
     raise ValueError(f"warp: mode must be one of {_MODES}, got {mode!r}")
-  coords = identity_grid(disp.shape[1:4]) + disp.astype(jnp.float32)
   if order == 1 and mode in ("constant", "nearest") and jnp.issubdtype(image.dtype,
                                                                       jnp.floating):
-    return _trilinear(image, coords, mode).astype(image.dtype)
+    return _warp_trilinear(image, disp.astype(jnp.float32), mode).astype(image.dtype)
+  coords = identity_grid(disp.shape[1:4]) + disp.astype(jnp.float32)
   # vmap over channels (last axis of image), then over the batch.
   per_channel = jax.vmap(_warp_one, in_axes=(-1, None, None, None), out_axes=-1)
   per_batch = jax.vmap(per_channel, in_axes=(0, 0, None, None))

@@ -6,13 +6,21 @@
 //   VmjaxTrilinear(image (B, Di, Hi, Wi, C), coords (B, D, H, W, 3)) -> out (B, D, H, W, C)
 //     out[x] = sum over the 8 corners of floor(coords[x]) of weight * image[corner];
 //     attr mode: 0 = "constant" (corners outside the image count 0), 1 = "nearest" (corner
-//     indices clamped to the image).
+//     indices clamped to the image); attr relative: 1 = coords is a displacement, the sample
+//     of x at x's own grid index plus coords[x] (a warp without a grid of coordinates).
+//     Samples whose corners all lie inside the image (nearly all of a smooth warp) take a
+//     fast path (Interior); the rest the general one.
 //   VmjaxTrilinearGradCoords(image, coords, g (B, D, H, W, C)) -> d_coords (B, D, H, W, 3)
 //   VmjaxTrilinearGradImage(image, coords, g) -> d_image (B, Di, Hi, Wi, C)  (the scatter-add;
 //     each thread accumulates into its own buffer, summed in a fixed order: deterministic for a
 //     given thread count; ScatterInParallel)
 //   VmjaxBoxSum(x (B, D, H, W, C)) -> y: the sum over a window^3 cube around each voxel, zero
-//     padded (attr window, odd). Separable: a pass along D, then H and W per (b, d) slab.
+//     padded (attr window, odd). Separable: running sums along D, then windowed sums along H
+//     and W per (b, d) slab.
+//   VmjaxNccSums(f, m (B, D, H, W, C)) -> the box sums of m, m², f m (B, D, H, W, 3C);
+//   VmjaxNccCcSum(box sums of f, f² (.., 2C), those (.., 3C)) -> the sum of local NCC's cc;
+//   VmjaxNccGrad(f, m, the two sums, g (1,)) -> the gradient of g * -mean(cc) with respect to
+//     m (attr wrt_fixed 0) or f (1). vmjax/losses.py ncc_loss in three calls.
 //   VmjaxUpsample2(x (B, D, H, W, C)) -> y (B, 2D, 2H, 2W, C): linear resampling to twice the
 //     size, jax.image.resize(method="linear")'s values (half-pixel centres: output 2i samples
 //     i - 1/4, output 2i + 1 samples i + 1/4; the edge voxels extended).
@@ -30,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include <omp.h>
@@ -70,6 +79,26 @@ inline Axis MakeAxis(float p, int64_t n, bool nearest) {
 
 struct Shapes {
   int64_t b, di, hi, wi, c, out;  // out: voxels per batch item of the coords' grid
+  int64_t oh, ow;  // its H and W sizes: the grid is out / ow rows of ow samples
+};
+
+// Where a sample lies: coords[x] itself, or with `relative` (a displacement field) its grid
+// index (d, h, w) plus coords[x].
+struct Position {
+  bool relative;
+  float d = 0.0f, h = 0.0f;  // the row's D and H indices (relative only)
+
+  Position(const Shapes& s, bool rel, int64_t x0) : relative(rel) {
+    if (relative) {
+      d = static_cast<float>(x0 / (s.oh * s.ow));
+      h = static_cast<float>((x0 / s.ow) % s.oh);
+    }
+  }
+  // The sample of the row's w-th voxel, whose coords are p.
+  std::array<float, 3> At(const float* p, int64_t w) const {
+    if (!relative) return {p[0], p[1], p[2]};
+    return {d + p[0], h + p[1], static_cast<float>(w) + p[2]};
+  }
 };
 
 ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& image, const ffi::Buffer<ffi::F32>& coords,
@@ -78,7 +107,7 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& image, const ffi::Buffer<ffi
   if (id.size() != 5 || cd.size() != 5 || cd[4] != 3 || cd[0] != id[0])
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "vmjax trilinear: image (B, D, H, W, C) and coords (B, D, H, W, 3)");
-  *s = {id[0], id[1], id[2], id[3], id[4], cd[1] * cd[2] * cd[3]};
+  *s = {id[0], id[1], id[2], id[3], id[4], cd[1] * cd[2] * cd[3], cd[2], cd[3]};
   return ffi::Error::Success();
 }
 
@@ -91,17 +120,20 @@ inline Axes MakeAxes(const Shapes& s, const float* p, bool nearest) {
           MakeAxis(p[2], s.wi, nearest)};
 }
 
-// Calls f(b, x, axes) for every output voxel x of batch item b, in parallel.
+// Calls f(b, x0) for every row of the coords' grid (batch item b, its first sample's flat
+// index x0 within the item; the row is samples x0 .. x0 + ow - 1), rows in parallel. Loops
+// over a row's samples carry their indices: no division per sample.
 template <typename F>
-inline void ForEachSample(const Shapes& s, const float* coords, bool nearest, F&& f) {
+inline void ForEachRow(const Shapes& s, F&& f) {
+  const int64_t rows = s.out / s.ow;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < s.b; ++b)
-    for (int64_t x = 0; x < s.out; ++x) f(b, x, MakeAxes(s, coords + (b * s.out + x) * 3, nearest));
+    for (int64_t r = 0; r < rows; ++r) f(b, r * s.ow);
 }
 
 // Calls f(offset, w0, w1, w2, d0, d1, d2) for the 8 corners of one sample: the corner's offset
 // into its batch item's image, its per-axis weights (their product is the corner's weight) and
-// the per-axis weight derivatives.
+// the per-axis weight derivatives. The general case (edges, outside, NaN); see Interior.
 template <typename F>
 inline void ForEachCorner(const Shapes& s, const Axes& a, F&& f) {
   for (int c0 = 0; c0 < 2; ++c0) {
@@ -119,75 +151,158 @@ inline void ForEachCorner(const Shapes& s, const Axes& a, F&& f) {
   }
 }
 
+// The fast path of every sampling loop: a sample whose 8 corners all lie inside the image
+// (nearly every sample of a smooth warp), where both modes agree and no index needs clamping.
+// Its lower corner's offset into the image, its fractional parts, and the image's strides.
+struct Interior {
+  int64_t offset;
+  float f0, f1, f2;
+  int64_t sd, sh, sw;  // strides in floats along D, H, W
+};
+
+// Whether p's corners are all inside; if so, fills `in`. NaN fails the comparisons.
+inline bool Inside(const Shapes& s, float p0, float p1, float p2, Interior* in) {
+  if (!(p0 >= 0.0f && p0 < static_cast<float>(s.di - 1) && p1 >= 0.0f &&
+        p1 < static_cast<float>(s.hi - 1) && p2 >= 0.0f && p2 < static_cast<float>(s.wi - 1)))
+    return false;
+  const int64_t l0 = static_cast<int64_t>(p0), l1 = static_cast<int64_t>(p1),
+                l2 = static_cast<int64_t>(p2);  // floor: p >= 0
+  in->offset = ((l0 * s.hi + l1) * s.wi + l2) * s.c;
+  in->f0 = p0 - static_cast<float>(l0);
+  in->f1 = p1 - static_cast<float>(l1);
+  in->f2 = p2 - static_cast<float>(l2);
+  in->sw = s.c;
+  in->sh = s.wi * s.c;
+  in->sd = s.hi * s.wi * s.c;
+  return true;
+}
+
+// One channel's trilinear value at an interior sample, v its lower corner in that channel:
+// linear along W, then H, then D.
+inline float Lerp3(const float* v, const Interior& in) {
+  const int64_t sd = in.sd, sh = in.sh, sw = in.sw;
+  const float c00 = v[0] + in.f2 * (v[sw] - v[0]);
+  const float c01 = v[sh] + in.f2 * (v[sh + sw] - v[sh]);
+  const float c10 = v[sd] + in.f2 * (v[sd + sw] - v[sd]);
+  const float c11 = v[sd + sh] + in.f2 * (v[sd + sh + sw] - v[sd + sh]);
+  const float c0 = c00 + in.f1 * (c01 - c00);
+  return c0 + in.f0 * (c10 + in.f1 * (c11 - c10) - c0);
+}
+
+// Adds g times the derivatives of Lerp3(v, in) with respect to the sample's three coordinates
+// to t[0..2].
+inline void Lerp3Grad(const float* v, const Interior& in, float g, float* t) {
+  const int64_t sd = in.sd, sh = in.sh, sw = in.sw;
+  const float e00 = v[sw] - v[0], e01 = v[sh + sw] - v[sh];
+  const float e10 = v[sd + sw] - v[sd], e11 = v[sd + sh + sw] - v[sd + sh];
+  const float c00 = v[0] + in.f2 * e00, c01 = v[sh] + in.f2 * e01;
+  const float c10 = v[sd] + in.f2 * e10, c11 = v[sd + sh] + in.f2 * e11;
+  const float c0 = c00 + in.f1 * (c01 - c00), c1 = c10 + in.f1 * (c11 - c10);
+  const float a0 = 1.0f - in.f0;
+  t[0] += g * (c1 - c0);
+  t[1] += g * (a0 * (c01 - c00) + in.f0 * (c11 - c10));
+  t[2] += g * (a0 * (e00 + in.f1 * (e01 - e00)) + in.f0 * (e10 + in.f1 * (e11 - e10)));
+}
+
+// The 8 corners of an interior sample, (D, H, W) bits in that order: their weights and
+// offsets from the lower corner.
+inline void Corners(const Interior& in, float w[8], int64_t off[8]) {
+  const float a0 = 1.0f - in.f0, a1 = 1.0f - in.f1, a2 = 1.0f - in.f2;
+  const float w00 = a0 * a1, w01 = a0 * in.f1, w10 = in.f0 * a1, w11 = in.f0 * in.f1;
+  const float wd[4] = {w00, w01, w10, w11};
+  const int64_t od[4] = {0, in.sh, in.sd, in.sd + in.sh};
+  for (int k = 0; k < 4; ++k) {
+    w[2 * k] = wd[k] * a2;
+    w[2 * k + 1] = wd[k] * in.f2;
+    off[2 * k] = od[k];
+    off[2 * k + 1] = od[k] + in.sw;
+  }
+}
+
+// Calls f(b, x, p) for every sample of the coords' grid: its batch item, its flat index over
+// the batch, and where it lies (Position), rows in parallel.
+template <typename F>
+inline void ForEachSample(const Shapes& s, const float* coords, bool relative, F&& f) {
+  ForEachRow(s, [&](int64_t b, int64_t x0) {
+    const Position at(s, relative, x0);
+    for (int64_t w = 0; w < s.ow; ++w) {
+      const int64_t x = b * s.out + x0 + w;
+      f(b, x, at.At(coords + x * 3, w));
+    }
+  });
+}
+
 // C > 0: the channel count known at compile time (1: images, 3: fields); 0: any.
 template <int C>
 void TrilinearLoop(const Shapes& s0, const float* img, const float* coords, float* o,
-                   bool nearest) {
+                   bool nearest, bool relative) {
   Shapes s = s0;
   if (C > 0) s.c = C;
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
-  ForEachSample(s, coords, nearest, [&](int64_t b, int64_t x, const Axes& axes) {
+  ForEachSample(s, coords, relative, [&](int64_t b, int64_t x, const std::array<float, 3>& p) {
     const float* base = img + b * per_item;
-    float* ov = o + (b * s.out + x) * s.c;
-    float acc[C > 0 ? C : 1] = {};
-    if (C == 0)
-      for (int64_t k = 0; k < s.c; ++k) ov[k] = 0.0f;
-    ForEachCorner(s, axes, [&](int64_t offset, float w0, float w1, float w2, float, float,
-                               float) {
-      const float w = w0 * w1 * w2;
-      const float* v = base + offset;
-      if (C > 0) {
-        for (int k = 0; k < C; ++k) acc[k] += w * v[k];
-      } else {
-        for (int64_t k = 0; k < s.c; ++k) ov[k] += w * v[k];
-      }
+    float* ov = o + x * s.c;
+    Interior in;
+    if (Inside(s, p[0], p[1], p[2], &in)) {
+      for (int64_t k = 0; k < s.c; ++k) ov[k] = Lerp3(base + in.offset + k, in);
+      return;
+    }
+    for (int64_t k = 0; k < s.c; ++k) ov[k] = 0.0f;
+    ForEachCorner(s, MakeAxes(s, p.data(), nearest), [&](int64_t offset, float w0, float w1,
+                                                         float w2, float, float, float) {
+      const float wt = w0 * w1 * w2;
+      for (int64_t k = 0; k < s.c; ++k) ov[k] += wt * base[offset + k];
     });
-    if (C > 0)
-      for (int k = 0; k < C; ++k) ov[k] = acc[k];
   });
 }
 
 ffi::Error Trilinear(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32> coords,
-                     ffi::ResultBuffer<ffi::F32> out, int64_t mode) {
+                     ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t relative) {
   Shapes s;
   if (auto e = CheckShapes(image, coords, &s); e.failure()) return e;
-  if (s.c == 1) {
-    TrilinearLoop<1>(s, image.typed_data(), coords.typed_data(), out->typed_data(), mode == 1);
-  } else if (s.c == 3) {
-    TrilinearLoop<3>(s, image.typed_data(), coords.typed_data(), out->typed_data(), mode == 1);
-  } else {
-    TrilinearLoop<0>(s, image.typed_data(), coords.typed_data(), out->typed_data(), mode == 1);
-  }
+  auto loop = s.c == 1 ? TrilinearLoop<1> : s.c == 3 ? TrilinearLoop<3> : TrilinearLoop<0>;
+  loop(s, image.typed_data(), coords.typed_data(), out->typed_data(), mode == 1, relative != 0);
   return ffi::Error::Success();
+}
+
+template <int C>
+void TrilinearGradCoordsLoop(const Shapes& s0, const float* img, const float* coords,
+                             const float* gp, float* dc, bool nearest, bool relative) {
+  Shapes s = s0;
+  if (C > 0) s.c = C;
+  const int64_t per_item = s.di * s.hi * s.wi * s.c;
+  ForEachSample(s, coords, relative, [&](int64_t b, int64_t x, const std::array<float, 3>& p) {
+    const float* base = img + b * per_item;
+    const float* gv = gp + x * s.c;
+    float t[3] = {0.0f, 0.0f, 0.0f};
+    Interior in;
+    if (Inside(s, p[0], p[1], p[2], &in)) {
+      for (int64_t k = 0; k < s.c; ++k) Lerp3Grad(base + in.offset + k, in, gv[k], t);
+    } else {
+      ForEachCorner(s, MakeAxes(s, p.data(), nearest), [&](int64_t offset, float w0, float w1,
+                                                           float w2, float d0, float d1,
+                                                           float d2) {
+        const float* v = base + offset;
+        float gdotv = 0.0f;
+        for (int64_t k = 0; k < s.c; ++k) gdotv += gv[k] * v[k];
+        t[0] += gdotv * d0 * w1 * w2;
+        t[1] += gdotv * w0 * d1 * w2;
+        t[2] += gdotv * w0 * w1 * d2;
+      });
+    }
+    for (int k = 0; k < 3; ++k) dc[x * 3 + k] = t[k];
+  });
 }
 
 ffi::Error TrilinearGradCoords(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32> coords,
                                ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> d_coords,
-                               int64_t mode) {
+                               int64_t mode, int64_t relative) {
   Shapes s;
   if (auto e = CheckShapes(image, coords, &s); e.failure()) return e;
-  const float* img = image.typed_data();
-  const float* gp = g.typed_data();
-  float* dc = d_coords->typed_data();
-  const int64_t per_item = s.di * s.hi * s.wi * s.c;
-  ForEachSample(s, coords.typed_data(), mode == 1, [&](int64_t b, int64_t x, const Axes& axes) {
-    const float* base = img + b * per_item;
-    const float* gv = gp + (b * s.out + x) * s.c;
-    float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
-    ForEachCorner(s, axes, [&](int64_t offset, float w0, float w1, float w2, float d0, float d1,
-                               float d2) {
-      const float* v = base + offset;
-      float gdotv = 0.0f;
-      for (int64_t k = 0; k < s.c; ++k) gdotv += gv[k] * v[k];
-      t0 += gdotv * d0 * w1 * w2;
-      t1 += gdotv * w0 * d1 * w2;
-      t2 += gdotv * w0 * w1 * d2;
-    });
-    float* out = dc + (b * s.out + x) * 3;
-    out[0] = t0;
-    out[1] = t1;
-    out[2] = t2;
-  });
+  auto loop = s.c == 1 ? TrilinearGradCoordsLoop<1>
+              : s.c == 3 ? TrilinearGradCoordsLoop<3> : TrilinearGradCoordsLoop<0>;
+  loop(s, image.typed_data(), coords.typed_data(), g.typed_data(), d_coords->typed_data(),
+       mode == 1, relative != 0);
   return ffi::Error::Success();
 }
 
@@ -201,19 +316,22 @@ inline void ThreadRange(int64_t n, int t, int threads, int64_t* begin, int64_t* 
 // A scatter-add in parallel: calls f(acc, i) for i in [0, n), each thread over its own
 // contiguous range with `acc` its own zeroed buffer of `total` floats (thread 0's is `out`),
 // then sums the buffers into `out` in a fixed order (deterministic for a given thread count).
+// The other threads' buffers are kept from call to call (OpenMP's threads live on): no fresh
+// pages to fault in at every call.
 template <typename F>
 void ScatterInParallel(float* out, int64_t total, int64_t n, F&& f) {
   const int threads = std::max(1, omp_get_max_threads());
-  std::vector<std::vector<float>> partial(threads - 1);
-  std::fill(out, out + total, 0.0f);
+  std::vector<float*> partial(threads, out);
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
+    static thread_local std::vector<float> own;
     float* acc = out;
     if (t > 0) {
-      partial[t - 1].assign(total, 0.0f);
-      acc = partial[t - 1].data();
+      if (static_cast<int64_t>(own.size()) < total) own.resize(total);
+      acc = partial[t] = own.data();
     }
+    std::fill(acc, acc + total, 0.0f);
     int64_t begin, end;
     ThreadRange(n, t, threads, &begin, &end);
     for (int64_t i = begin; i < end; ++i) f(acc, i);
@@ -221,7 +339,7 @@ void ScatterInParallel(float* out, int64_t total, int64_t n, F&& f) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < total; ++i) {
       float sum = out[i];
-      for (int u = 0; u < threads - 1; ++u) sum += partial[u][i];
+      for (int u = 1; u < threads; ++u) sum += partial[u][i];
       out[i] = sum;
     }
   }
@@ -229,26 +347,72 @@ void ScatterInParallel(float* out, int64_t total, int64_t n, F&& f) {
 
 ffi::Error TrilinearGradImage(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32> coords,
                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> d_image,
-                              int64_t mode) {
+                              int64_t mode, int64_t relative) {
   Shapes s;
   if (auto e = CheckShapes(image, coords, &s); e.failure()) return e;
   const float* cp = coords.typed_data();
   const float* gp = g.typed_data();
-  float* di = d_image->typed_data();
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
   const bool nearest = mode == 1;
-  ScatterInParallel(di, s.b * per_item, s.b * s.out, [&](float* acc, int64_t bx) {
-    const float* gv = gp + bx * s.c;
-    float* base = acc + (bx / s.out) * per_item;
-    ForEachCorner(s, MakeAxes(s, cp + bx * 3, nearest),
-                  [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
-      const float w = w0 * w1 * w2;
-      if (w == 0.0f) return;
-      float* v = base + offset;
-      for (int64_t k = 0; k < s.c; ++k) v[k] += w * gv[k];
-    });
+  const int64_t rows = s.out / s.ow;
+  ScatterInParallel(d_image->typed_data(), s.b * per_item, s.b * rows,
+                    [&](float* acc, int64_t row) {
+    const int64_t b = row / rows;
+    float* base = acc + b * per_item;
+    const Position at(s, relative != 0, (row - b * rows) * s.ow);
+    for (int64_t w = 0; w < s.ow; ++w) {
+      const int64_t x = row * s.ow + w;  // flat over the batch
+      const std::array<float, 3> p = at.At(cp + x * 3, w);
+      const float* gv = gp + x * s.c;
+      Interior in;
+      if (Inside(s, p[0], p[1], p[2], &in)) {
+        float w[8];
+        int64_t off[8];
+        Corners(in, w, off);
+        float* v = base + in.offset;
+        for (int c = 0; c < 8; ++c)
+          for (int64_t k = 0; k < s.c; ++k) v[off[c] + k] += w[c] * gv[k];
+        continue;
+      }
+      ForEachCorner(s, MakeAxes(s, p.data(), nearest),
+                    [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
+        const float wt = w0 * w1 * w2;
+        if (wt == 0.0f) return;
+        float* v = base + offset;
+        for (int64_t k = 0; k < s.c; ++k) v[k] += wt * gv[k];
+      });
+    }
   });
   return ffi::Error::Success();
+}
+
+// Running sums of a window along an axis, in double: in and out are n rows `stride` floats
+// apart, `len` floats each; out row j = the sum of in rows j - half .. j + half inside [0, n).
+// Reads each input row twice (in and out of the window) instead of `window` times; acc: `len`
+// doubles of scratch.
+inline void RunningRows(const float* in, float* out, int64_t n, int64_t stride, int64_t len,
+                        int64_t half, double* acc) {
+  std::fill(acc, acc + len, 0.0);
+  for (int64_t k = 0; k <= std::min(half, n - 1); ++k) {
+    const float* __restrict__ r = in + k * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) acc[i] += r[i];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float* __restrict__ o = out + j * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) o[i] = static_cast<float>(acc[i]);
+    if (j + half + 1 < n) {
+      const float* __restrict__ r = in + (j + half + 1) * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) acc[i] += r[i];
+    }
+    if (j - half >= 0) {
+      const float* __restrict__ r = in + (j - half) * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) acc[i] -= r[i];
+    }
+  }
 }
 
 // out_row[i] = sum over k in [-half, half] of rows[(j + k) * stride + i], rows j + k inside
@@ -264,23 +428,23 @@ inline void WindowSum(const float* rows, float* out_row, int64_t j, int64_t n, i
   }
 }
 
-ffi::Error BoxSum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t window) {
-  auto d = x.dimensions();
-  if (d.size() != 5 || window < 1 || window % 2 == 0)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "vmjax box sum: x (B, D, H, W, C) and an odd window");
-  const int64_t nb = d[0], nd = d[1], nh = d[2], nw = d[3], nc = d[4];
+// Plane blocks of the D pass: both threads share every plane; a block's running sums fit L1.
+constexpr int64_t kSumBlock = 1024;
+
+// The box sum of x (nb, nd, nh, nw, nc) into y: along D as running sums over blocks of the
+// planes (memory-bound: 3 streams, not `window` + 1), then along H and W per (b, d) slab,
+// which stays in cache, as windowed sums (vectorised).
+void BoxSumLoop(const float* xp, float* yp, int64_t nb, int64_t nd, int64_t nh, int64_t nw,
+                int64_t nc, int64_t window) {
   const int64_t half = window / 2, row = nw * nc, plane = nh * row;
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  // Along D: each output plane is the sum of up to `window` input planes.
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t j = 0; j < nd; ++j)
-      WindowSum(xp + b * nd * plane, yp + (b * nd + j) * plane, j, nd, plane, plane, half);
-  // Along H, then W, one (b, d) slab at a time through a per-thread buffer, back into y.
 #pragma omp parallel
   {
+    std::vector<double> acc(kSumBlock);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t c = 0; c < plane; c += kSumBlock)
+        RunningRows(xp + b * nd * plane + c, yp + b * nd * plane + c, nd, plane,
+                    std::min(kSumBlock, plane - c), half, acc.data());
     std::vector<float> buf(plane);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
@@ -303,6 +467,157 @@ ffi::Error BoxSum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_
         }
       }
   }
+}
+
+ffi::Error BoxSum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t window) {
+  auto d = x.dimensions();
+  if (d.size() != 5 || window < 1 || window % 2 == 0)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax box sum: x (B, D, H, W, C) and an odd window");
+  BoxSumLoop(x.typed_data(), y->typed_data(), d[0], d[1], d[2], d[3], d[4], window);
+  return ffi::Error::Success();
+}
+
+// Local NCC (vmjax/losses.py ncc_loss) of f and m (B, D, H, W, C), given the box sums of f's
+// terms fs = (Σf, Σf²) (2C channels, computed once per fixed scan) and of m's s = (Σm, Σm², Σfm)
+// (3C channels): per voxel and channel, with n = window³,
+//   cross = Σfm - Σf Σm / n,  v_f = max(Σf² - (Σf)² / n, 0),  v_m likewise,
+//   cc = cross² / (v_f v_m + 1e-5).
+struct NccTerms {
+  float cross, vf, vm, den;
+  bool vf_pos, vm_pos;  // the variances before clamping were > 0
+};
+
+inline NccTerms Ncc(float sf, float sff, float sm, float smm, float sfm, float n) {
+  NccTerms t;
+  t.cross = sfm - sf * sm / n;
+  const float vf = sff - sf * sf / n, vm = smm - sm * sm / n;
+  t.vf_pos = vf > 0.0f;
+  t.vm_pos = vm > 0.0f;
+  t.vf = t.vf_pos ? vf : 0.0f;
+  t.vm = t.vm_pos ? vm : 0.0f;
+  t.den = t.vf * t.vm + 1e-5f;
+  return t;
+}
+
+struct NccShape {
+  int64_t nb, nd, nh, nw, nc, voxels;  // voxels: nb * nd * nh * nw
+};
+
+ffi::Error CheckNcc(const ffi::Buffer<ffi::F32>& f, const ffi::Buffer<ffi::F32>& m,
+                    NccShape* s) {
+  auto d = f.dimensions(), e = m.dimensions();
+  if (d.size() != 5 || e.size() != 5 || !std::equal(d.begin(), d.end(), e.begin()))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax ncc: fixed and moved (B, D, H, W, C) of one shape");
+  *s = {d[0], d[1], d[2], d[3], d[4], d[0] * d[1] * d[2] * d[3]};
+  return ffi::Error::Success();
+}
+
+// s = the box sums of (m, m², f m), channel blocks of C: the terms built in one pass, summed.
+ffi::Error NccSums(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
+                   ffi::ResultBuffer<ffi::F32> sums, int64_t window) {
+  NccShape s;
+  if (auto e = CheckNcc(f, m, &s); e.failure()) return e;
+  const int64_t nc = s.nc;
+  const float* fp = f.typed_data();
+  const float* mp = m.typed_data();
+  std::unique_ptr<float[]> terms(new float[s.voxels * 3 * nc]);  // uninitialised: all written
+  float* tp = terms.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t x = 0; x < s.voxels; ++x)
+    for (int64_t c = 0; c < nc; ++c) {
+      const float fv = fp[x * nc + c], mv = mp[x * nc + c];
+      float* t = tp + x * 3 * nc + c;
+      t[0] = mv;
+      t[nc] = mv * mv;
+      t[2 * nc] = fv * mv;
+    }
+  BoxSumLoop(tp, sums->typed_data(), s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
+  return ffi::Error::Success();
+}
+
+// The sum of cc over every voxel and channel (f64 accumulation, fixed order per thread count).
+ffi::Error NccCcSum(ffi::Buffer<ffi::F32> fixed_sums, ffi::Buffer<ffi::F32> sums,
+                    ffi::ResultBuffer<ffi::F32> out, int64_t window) {
+  auto d = sums.dimensions();
+  if (d.size() != 5 || d[4] % 3 != 0 || fixed_sums.element_count() * 3 != sums.element_count() * 2)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax ncc: fixed sums (.., 2C) and moved sums (.., 3C)");
+  const int64_t nc = d[4] / 3, voxels = d[0] * d[1] * d[2] * d[3];
+  const float n = static_cast<float>(window * window * window);
+  const float* fs = fixed_sums.typed_data();
+  const float* sp = sums.typed_data();
+  const int threads = std::max(1, omp_get_max_threads());
+  std::vector<double> partial(threads, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    int64_t begin, end;
+    ThreadRange(voxels, t, threads, &begin, &end);
+    double acc = 0.0;
+    for (int64_t x = begin; x < end; ++x)
+      for (int64_t c = 0; c < nc; ++c) {
+        const float* a = fs + x * 2 * nc + c;
+        const float* b = sp + x * 3 * nc + c;
+        const NccTerms k = Ncc(a[0], a[nc], b[0], b[nc], b[2 * nc], n);
+        acc += k.cross * k.cross / k.den;
+      }
+    partial[t] = acc;
+  }
+  double total = 0.0;
+  for (double p : partial) total += p;
+  out->typed_data()[0] = static_cast<float>(total);
+  return ffi::Error::Success();
+}
+
+// The gradient of g * -mean(cc) with respect to m (attr wrt_fixed 0) or f (1; cc is symmetric
+// in the two, so the roles swap): the cotangents of the three box sums per voxel, their box
+// sums (the box filter is symmetric), and the chain rule through m, m², f m.
+ffi::Error NccGrad(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
+                   ffi::Buffer<ffi::F32> fixed_sums, ffi::Buffer<ffi::F32> sums,
+                   ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> grad, int64_t window,
+                   int64_t wrt_fixed) {
+  NccShape s;
+  if (auto e = CheckNcc(f, m, &s); e.failure()) return e;
+  const int64_t nc = s.nc;
+  const float n = static_cast<float>(window * window * window);
+  const float scale = -g.typed_data()[0] / static_cast<float>(s.voxels * nc);
+  const float* fs = fixed_sums.typed_data();
+  const float* sp = sums.typed_data();
+  const bool swap = wrt_fixed != 0;
+  const float* xp = swap ? f.typed_data() : m.typed_data();  // the image differentiated
+  const float* yp = swap ? m.typed_data() : f.typed_data();  // the other
+  std::unique_ptr<float[]> cot(new float[s.voxels * 3 * nc]);  // uninitialised: all written
+  std::unique_ptr<float[]> boxed(new float[s.voxels * 3 * nc]);
+  float* cp = cot.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t x = 0; x < s.voxels; ++x)
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* a = fs + x * 2 * nc + c;
+      const float* b = sp + x * 3 * nc + c;
+      const NccTerms k = Ncc(a[0], a[nc], b[0], b[nc], b[2 * nc], n);
+      // The differentiated image's sum Σx, its variance, the other's variance.
+      const float sx = swap ? a[0] : b[0];
+      const float vy = swap ? k.vm : k.vf;
+      const bool vx_pos = swap ? k.vf_pos : k.vm_pos;
+      const float d_cross = scale * 2.0f * k.cross / k.den;
+      const float d_vx = vx_pos ? -scale * k.cross * k.cross * vy / (k.den * k.den) : 0.0f;
+      const float sy = swap ? b[0] : a[0];
+      float* t = cp + x * 3 * nc + c;
+      t[0] = -d_cross * sy / n - 2.0f * d_vx * sx / n;  // d/dΣx
+      t[nc] = d_vx;                                      // d/dΣx²
+      t[2 * nc] = d_cross;                               // d/dΣxy
+    }
+  BoxSumLoop(cp, boxed.get(), s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
+  const float* bp = boxed.get();
+  float* out = grad->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t x = 0; x < s.voxels; ++x)
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* t = bp + x * 3 * nc + c;
+      out[x * nc + c] = t[0] + 2.0f * xp[x * nc + c] * t[nc] + yp[x * nc + c] * t[2 * nc];
+    }
   return ffi::Error::Success();
 }
 
@@ -421,6 +736,93 @@ ffi::Error Upsample2T(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> x) {
   return ffi::Error::Success();
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// 3-channel interior samples (a field sampling itself in scaling and squaring) with AVX2: each
+// of the 4 (D, H) rows of a sample's corners is one load of 8 floats, its two W corners' 3
+// channels and 2 floats beyond (used only where they lie inside the buffer: Fits3). Lanes 0-2
+// hold the channels.
+#define VMJAX_AVX2 1
+#include <immintrin.h>
+
+struct Rows3 {
+  __m256 a[4];  // the lower W corner of each row (lanes 0-2)
+  __m256 e[4];  // the upper W corner minus the lower
+};
+
+inline bool Fits3(const Interior& in, int64_t size) {
+  return in.offset + in.sd + in.sh + 8 <= size;
+}
+
+inline void LoadRows3(const float* v, const Interior& in, Rows3* r) {
+  const __m256i upper = _mm256_setr_epi32(3, 4, 5, 3, 4, 5, 3, 4);
+  const int64_t off[4] = {0, in.sh, in.sd, in.sd + in.sh};
+  for (int k = 0; k < 4; ++k) {
+    const __m256 row = _mm256_loadu_ps(v + off[k]);
+    r->a[k] = row;
+    r->e[k] = _mm256_sub_ps(_mm256_permutevar8x32_ps(row, upper), row);
+  }
+}
+
+inline __m256 Lerp(__m256 a, __m256 b, __m256 f) {  // a + f (b - a)
+  return _mm256_fmadd_ps(f, _mm256_sub_ps(b, a), a);
+}
+
+// Lerp3 of the three channels (lanes 0-2).
+inline __m256 Lerp3x3(const Rows3& r, const Interior& in) {
+  const __m256 f0 = _mm256_set1_ps(in.f0), f1 = _mm256_set1_ps(in.f1),
+               f2 = _mm256_set1_ps(in.f2);
+  __m256 c[4];
+  for (int k = 0; k < 4; ++k) c[k] = _mm256_fmadd_ps(f2, r.e[k], r.a[k]);
+  return Lerp(Lerp(c[0], c[1], f1), Lerp(c[2], c[3], f1), f0);
+}
+
+// Lerp3Grad summed over the three channels with weights g (lanes 0-2, zeros beyond): t[0..2]
+// += the derivatives with respect to the sample's coordinates.
+inline void Lerp3x3Grad(const Rows3& r, const Interior& in, __m256 g, float* t) {
+  const __m256 f0 = _mm256_set1_ps(in.f0), f1 = _mm256_set1_ps(in.f1),
+               f2 = _mm256_set1_ps(in.f2), a0 = _mm256_set1_ps(1.0f - in.f0);
+  __m256 c[4];
+  for (int k = 0; k < 4; ++k) c[k] = _mm256_fmadd_ps(f2, r.e[k], r.a[k]);
+  const __m256 c01 = _mm256_sub_ps(c[1], c[0]), c23 = _mm256_sub_ps(c[3], c[2]);
+  const __m256 lo = _mm256_fmadd_ps(f1, c01, c[0]), hi = _mm256_fmadd_ps(f1, c23, c[2]);
+  const __m256 d0 = _mm256_sub_ps(hi, lo);
+  const __m256 d1 = _mm256_fmadd_ps(a0, c01, _mm256_mul_ps(f0, c23));
+  const __m256 d2 = _mm256_fmadd_ps(a0, Lerp(r.e[0], r.e[1], f1),
+                                    _mm256_mul_ps(f0, Lerp(r.e[2], r.e[3], f1)));
+  // The channel sums of d_i * g: only lanes 0-2 are non-zero, all in the low half.
+  const __m128 p0 = _mm256_castps256_ps128(_mm256_mul_ps(d0, g));
+  const __m128 p1 = _mm256_castps256_ps128(_mm256_mul_ps(d1, g));
+  const __m128 p2 = _mm256_castps256_ps128(_mm256_mul_ps(d2, g));
+  const __m128 sums = _mm_hadd_ps(_mm_hadd_ps(p0, p1), _mm_hadd_ps(p2, _mm_setzero_ps()));
+  alignas(16) float out[4];
+  _mm_store_ps(out, sums);
+  t[0] += out[0];
+  t[1] += out[1];
+  t[2] += out[2];
+}
+
+// Scatters weight * g (lanes 0-2) into the 8 corners of an interior sample of acc: per row,
+// one load, multiply-add and store of 8 floats (adding 0 to the 2 beyond its corners).
+inline void Scatter3x3(float* acc, const Interior& in, __m256 g) {
+  const __m256 split = _mm256_setr_ps(1.0f - in.f2, 1.0f - in.f2, 1.0f - in.f2, in.f2, in.f2,
+                                      in.f2, 0.0f, 0.0f);
+  const __m256 gg = _mm256_mul_ps(
+      _mm256_permutevar8x32_ps(g, _mm256_setr_epi32(0, 1, 2, 0, 1, 2, 3, 3)), split);
+  const float a0 = 1.0f - in.f0, a1 = 1.0f - in.f1;
+  const float weight[4] = {a0 * a1, a0 * in.f1, in.f0 * a1, in.f0 * in.f1};
+  const int64_t off[4] = {0, in.sh, in.sd, in.sd + in.sh};
+  for (int k = 0; k < 4; ++k) {
+    float* p = acc + off[k];
+    _mm256_storeu_ps(p, _mm256_fmadd_ps(_mm256_set1_ps(weight[k]), gg, _mm256_loadu_ps(p)));
+  }
+}
+
+// The 3 channels of g at gv in lanes 0-2, zeros beyond.
+inline __m256 Load3(const float* gv) {
+  return _mm256_setr_ps(gv[0], gv[1], gv[2], 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+}
+#endif
+
 // The point voxel x (flat index into a (D, H, W) grid) maps to: its index plus ux = u[x].
 inline std::array<float, 3> Displaced(int64_t x, int64_t nh, int64_t nw, const float* ux) {
   return {static_cast<float>(x / (nw * nh)) + ux[0], static_cast<float>((x / nw) % nh) + ux[1],
@@ -431,23 +833,40 @@ ffi::Error ComposeSelf(ffi::Buffer<ffi::F32> field, ffi::ResultBuffer<ffi::F32> 
   auto dm = field.dimensions();
   if (dm.size() != 5 || dm[4] != 3)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax compose: u (B, D, H, W, 3)");
-  const Shapes s = {dm[0], dm[1], dm[2], dm[3], 3, dm[1] * dm[2] * dm[3]};
+  const Shapes s = {dm[0], dm[1], dm[2], dm[3], 3, dm[1] * dm[2] * dm[3], dm[2], dm[3]};
   const float* u = field.typed_data();
   float* o = out->typed_data();
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < s.b; ++b)
-    for (int64_t x = 0; x < s.out; ++x) {
-      const float* base = u + b * s.out * 3;
+  ForEachRow(s, [&](int64_t b, int64_t x0) {
+    const float* base = u + b * s.out * 3;
+    const float d = static_cast<float>(x0 / (s.wi * s.hi));
+    const float h = static_cast<float>((x0 / s.wi) % s.hi);
+    for (int64_t x = x0; x < x0 + s.ow; ++x) {
       const float* ux = base + x * 3;
+      float* ov = o + (b * s.out + x) * 3;
+      Interior in;
+      if (Inside(s, d + ux[0], h + ux[1], static_cast<float>(x - x0) + ux[2], &in)) {
+#ifdef VMJAX_AVX2
+        if (Fits3(in, s.out * 3)) {
+          Rows3 r;
+          LoadRows3(base + in.offset, in, &r);
+          alignas(32) float value[8];
+          _mm256_store_ps(value, Lerp3x3(r, in));
+          for (int k = 0; k < 3; ++k) ov[k] = ux[k] + value[k];
+          continue;
+        }
+#endif
+        for (int k = 0; k < 3; ++k) ov[k] = ux[k] + Lerp3(base + in.offset + k, in);
+        continue;
+      }
       float acc[3] = {ux[0], ux[1], ux[2]};
       ForEachCorner(s, MakeAxes(s, Displaced(x, s.hi, s.wi, ux).data(), true),
                     [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
         const float wt = w0 * w1 * w2;
         for (int k = 0; k < 3; ++k) acc[k] += wt * base[offset + k];
       });
-      float* ov = o + (b * s.out + x) * 3;
       for (int k = 0; k < 3; ++k) ov[k] = acc[k];
     }
+  });
   return ffi::Error::Success();
 }
 
@@ -456,32 +875,63 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
   auto dm = field.dimensions();
   if (dm.size() != 5 || dm[4] != 3)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax compose grad: u (B, D, H, W, 3)");
-  const Shapes s = {dm[0], dm[1], dm[2], dm[3], 3, dm[1] * dm[2] * dm[3]};
+  const Shapes s = {dm[0], dm[1], dm[2], dm[3], 3, dm[1] * dm[2] * dm[3], dm[2], dm[3]};
   const float* u = field.typed_data();
   const float* gp = g.typed_data();
-  float* du = d_field->typed_data();
-  ScatterInParallel(du, s.b * s.out * 3, s.b * s.out, [&](float* acc, int64_t bx) {
-    const int64_t b = bx / s.out;
+  const int64_t rows = s.out / s.ow;
+  ScatterInParallel(d_field->typed_data(), s.b * s.out * 3, s.b * rows,
+                    [&](float* acc, int64_t row) {
+    const int64_t b = row / rows, x0 = (row - b * rows) * s.ow;
     const float* base = u + b * s.out * 3;
     float* abase = acc + b * s.out * 3;
-    const float* gv = gp + bx * 3;
-    float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
-    ForEachCorner(s, MakeAxes(s, Displaced(bx - b * s.out, s.hi, s.wi, u + bx * 3).data(), true),
-                  [&](int64_t offset, float w0, float w1, float w2, float d0, float d1,
-                      float d2) {
-      const float* v = base + offset;
-      const float gdotv = gv[0] * v[0] + gv[1] * v[1] + gv[2] * v[2];
-      t0 += gdotv * d0 * w1 * w2;
-      t1 += gdotv * w0 * d1 * w2;
-      t2 += gdotv * w0 * w1 * d2;
-      const float wt = w0 * w1 * w2;
-      float* a = abase + offset;
-      for (int k = 0; k < 3; ++k) a[k] += wt * gv[k];
-    });
-    float* a = acc + bx * 3;  // the direct term and the coordinate term at x itself
-    a[0] += gv[0] + t0;
-    a[1] += gv[1] + t1;
-    a[2] += gv[2] + t2;
+    const float d = static_cast<float>(x0 / (s.wi * s.hi));
+    const float h = static_cast<float>((x0 / s.wi) % s.hi);
+    // Every third voxel of the row, three times over: neighbours scatter into the same corners,
+    // and in turn each add would wait for the previous voxel's store to the same address.
+    const int64_t third = (s.ow + 2) / 3;
+    for (int64_t k = 0; k < 3 * third; ++k) {
+      const int64_t x = x0 + 3 * (k % third) + k / third;
+      if (x >= x0 + s.ow) continue;
+      const float* ux = base + x * 3;
+      const float* gv = gp + (b * s.out + x) * 3;
+      float t[3] = {0.0f, 0.0f, 0.0f};
+      Interior in;
+      const bool inside = Inside(s, d + ux[0], h + ux[1], static_cast<float>(x - x0) + ux[2],
+                                 &in);
+#ifdef VMJAX_AVX2
+      if (inside && Fits3(in, s.out * 3)) {
+        Rows3 r;
+        LoadRows3(base + in.offset, in, &r);
+        const __m256 g = Load3(gv);
+        Lerp3x3Grad(r, in, g, t);
+        Scatter3x3(abase + in.offset, in, g);
+      } else
+#endif
+      if (inside) {
+        float w[8];
+        int64_t off[8];
+        Corners(in, w, off);
+        for (int k = 0; k < 3; ++k) Lerp3Grad(base + in.offset + k, in, gv[k], t);
+        float* a = abase + in.offset;
+        for (int c = 0; c < 8; ++c)
+          for (int k = 0; k < 3; ++k) a[off[c] + k] += w[c] * gv[k];
+      } else {
+        ForEachCorner(s, MakeAxes(s, Displaced(x, s.hi, s.wi, ux).data(), true),
+                      [&](int64_t offset, float w0, float w1, float w2, float d0, float d1,
+                          float d2) {
+          const float* v = base + offset;
+          const float gdotv = gv[0] * v[0] + gv[1] * v[1] + gv[2] * v[2];
+          t[0] += gdotv * d0 * w1 * w2;
+          t[1] += gdotv * w0 * d1 * w2;
+          t[2] += gdotv * w0 * w1 * d2;
+          const float wt = w0 * w1 * w2;
+          float* a = abase + offset;
+          for (int k = 0; k < 3; ++k) a[k] += wt * gv[k];
+        });
+      }
+      float* a = abase + x * 3;  // the direct term and the coordinate term at x itself
+      for (int k = 0; k < 3; ++k) a[k] += gv[k] + t[k];
+    }
   });
   return ffi::Error::Success();
 }
@@ -514,7 +964,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxTrilinear, Trilinear,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("mode"));
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("relative"));
 
 // The two gradients take (image, coords, g) and return one buffer.
 #define VMJAX_TRILINEAR_GRAD_HANDLER(SYMBOL, FUNCTION)                   \
@@ -524,7 +975,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxTrilinear, Trilinear,
                                     .Arg<ffi::Buffer<ffi::F32>>()        \
                                     .Arg<ffi::Buffer<ffi::F32>>()        \
                                     .Ret<ffi::Buffer<ffi::F32>>()        \
-                                    .Attr<int64_t>("mode"));
+                                    .Attr<int64_t>("mode")               \
+                                    .Attr<int64_t>("relative"));
 
 VMJAX_TRILINEAR_GRAD_HANDLER(VmjaxTrilinearGradCoords, TrilinearGradCoords)
 VMJAX_TRILINEAR_GRAD_HANDLER(VmjaxTrilinearGradImage, TrilinearGradImage)
@@ -534,6 +986,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxBoxSum, BoxSum,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window"));
+// NCC's sums and its sum of cc take two buffers and the window, and return one buffer.
+#define VMJAX_NCC_HANDLER(SYMBOL, FUNCTION)                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, FUNCTION,                 \
+                                ffi::Ffi::Bind()                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>() \
+                                    .Attr<int64_t>("window"));
+
+VMJAX_NCC_HANDLER(VmjaxNccSums, NccSums)
+VMJAX_NCC_HANDLER(VmjaxNccCcSum, NccCcSum)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccGrad, NccGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("wrt_fixed"));
 
 // The x2 upsampling and its transpose take one buffer and return one.
 #define VMJAX_UNARY_HANDLER(SYMBOL, FUNCTION)                                            \
