@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from vmjax import host_memory
 from vmjax import registration
 
 flags.DEFINE_bool("library_logs", False, "Also show other libraries' INFO logs (orbax, jax); "
@@ -106,6 +107,7 @@ def run_main(main: Callable, module_name: str, doc: str | None) -> None:
   own = (_PACKAGE, os.path.dirname(os.path.abspath(sys.modules[module_name].__file__)))
 
   def quiet_libraries(argv):
+    host_memory.keep_freed_memory()
     if not flags.FLAGS.library_logs:
       logging.get_absl_handler().addFilter(_OwnInfoOnly(own))
     return main(argv)
