@@ -220,24 +220,30 @@ def _known_deformation():
   return model, variables, config, moving, fixed, truth
 
 
-@pytest.mark.parametrize("target,lr,coarse,steps", [
-    ("field", None, (), 150),
-    pytest.param("network", 3e-3, (), 150, marks=pytest.mark.slow),  # fine-tunes the network
-    ("field", None, ((4, 60), (2, 60)), 30)])
-def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, steps):
+@pytest.mark.parametrize("target,lr,coarse,steps,tol", [
+    ("field", None, (), 150, 0.0),
+    ("field", None, (), 150, 0.02),  # stopped by the convergence rule
+    pytest.param("network", 3e-3, (), 150, 0.0, marks=pytest.mark.slow),  # fine-tunes the network
+    ("field", None, ((4, 60), (2, 60)), 30, 0.0)])
+def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, steps, tol):
   """The fixed scan is the moving one warped by a known smooth field; starting from a network
   that predicts no motion, instance optimisation must move most of the way to that field, lower
   the pair's loss and keep the (diffeomorphic) field free of folds: at full resolution, and
   coarse to fine (most steps on images pooled 4x and 2x, the correction integrated there)."""
   model, variables, config, moving, fixed, truth = _known_deformation()
   instance = registration.InstanceOptimisation(steps=steps, lr=lr, target=target,
-                                               coarse=coarse)
+                                               coarse=coarse, tol=tol)
   out = registration.register_aligned_volumes(model, variables, config, moving, fixed, instance)
   inner = (slice(4, -4),) * 3  # away from the border, where the image leaves the volume
   error = np.abs(np.asarray(out["disp"]) - truth[0])[inner].mean()
   assert out["loss_after"] < 0.9 * out["loss_before"]
   assert error < 0.5 * np.abs(truth[0][inner]).mean(), error
   assert float(metrics.jacobian_determinant(out["disp"][None]).min()) > 0
+  # The loss before is the network's field's, however it was obtained (with a full-size first
+  # level and a tolerance, from the refinement's first step).
+  network = registration.register_aligned_volumes(model, variables, config, moving, fixed,
+                                                  registration.InstanceOptimisation())
+  np.testing.assert_allclose(out["loss_before"], network["loss_after"], rtol=1e-5)
 
 
 def _numpy_adam_until(x, target, steps, lr, tol, window):
@@ -267,10 +273,15 @@ def test_the_convergence_rule_stops_where_a_numpy_adam_does(tol):
   x0 = np.zeros(7)
   window = registration.CONVERGENCE_WINDOW
   loss = lambda x: jnp.sum((x - jnp.asarray(target, jnp.float32)) ** 4)
-  x, taken = jax.jit(lambda x: registration._adam(loss, 200, x, 0.05, tol))(
+  x, taken, start = jax.jit(lambda x: registration._adam(loss, 200, x, 0.05, tol))(
       jnp.asarray(x0, jnp.float32))
   expected, expected_taken = _numpy_adam_until(x0, target, 200, 0.05, tol, window)
   assert int(taken) == expected_taken
+  # With the rule, the loss at the start comes back from the first step (none without).
+  if tol:
+    np.testing.assert_allclose(start, np.sum((x0 - target) ** 4), rtol=1e-6)
+  else:
+    assert start is None
   assert (expected_taken < 200) == (tol > 0)  # the rule does stop this slow tail
   np.testing.assert_allclose(x, expected, atol=1e-4)
 
@@ -282,8 +293,9 @@ def test_each_item_of_a_batch_stops_where_it_would_alone():
   targets = np.stack([np.linspace(-1.0, 2.0, 7), np.linspace(0.5, 0.6, 7),
                       np.linspace(-3.0, 3.0, 7)])
   loss = lambda x: jnp.sum((x - jnp.asarray(targets, jnp.float32)) ** 4, axis=1)
-  x, taken = jax.jit(lambda x: registration._adam(loss, 300, x, 0.05, 0.05))(
+  x, taken, start = jax.jit(lambda x: registration._adam(loss, 300, x, 0.05, 0.05))(
       jnp.zeros((3, 7), jnp.float32))
+  np.testing.assert_allclose(start, np.sum(targets ** 4, axis=1), rtol=1e-6)
   expected = [_numpy_adam_until(np.zeros(7), t, 300, 0.05, 0.05, window) for t in targets]
   assert [int(k) for k in taken] == [k for _, k in expected]
   assert len({k for _, k in expected}) == 3  # they do stop at different steps

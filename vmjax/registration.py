@@ -115,8 +115,10 @@ def _adam(loss: Callable, steps: int, x, learning_rate: float, tol: float = 0.0)
   ``tol > 0``: each item stops once converged, when its last :data:`CONVERGENCE_WINDOW` steps
   lowered its loss by less than ``tol`` times its whole decrease since the start (scale-free:
   no loss units; at least that many steps); a stopped item keeps its iterate while the others go
-  on, so it ends where it would alone. Returns ``(x, steps taken)``: with ``tol`` and a vector
-  loss the steps of each item ``(B,)``, otherwise one count for all."""
+  on, so it ends where it would alone. Returns ``(x, steps taken, loss(x) at the start)``:
+  with ``tol`` and a vector loss the steps of each item ``(B,)``, otherwise one count for all;
+  the start's loss (evaluated with the first step's gradient, at no extra cost) with ``tol``
+  only, None without (where it would cost one more trace of the loss)."""
   tx = optax.adam(learning_rate)
   if not tol:
     grad = jax.grad(lambda x: jnp.sum(loss(x)))
@@ -126,7 +128,8 @@ def _adam(loss: Callable, steps: int, x, learning_rate: float, tol: float = 0.0)
       updates, opt_state = tx.update(grad(x), opt_state, x)
       return optax.apply_updates(x, updates), opt_state
 
-    return lax.fori_loop(0, steps, body, (x, tx.init(x)))[0], jnp.asarray(steps, jnp.int32)
+    return (lax.fori_loop(0, steps, body, (x, tx.init(x)))[0], jnp.asarray(steps, jnp.int32),
+            None)
 
   window = CONVERGENCE_WINDOW
   items = jax.eval_shape(loss, x).shape  # () or (B,)
@@ -155,8 +158,8 @@ def _adam(loss: Callable, steps: int, x, learning_rate: float, tol: float = 0.0)
 
   start = (jnp.asarray(0, jnp.int32), x, tx.init(x), jnp.zeros((window,) + items, jnp.float32),
            jnp.zeros(items, jnp.float32), jnp.zeros(items, bool), jnp.zeros(items, jnp.int32))
-  _, x, *_, taken = lax.while_loop(cond, body, start)
-  return x, taken
+  _, x, _, _, first, _, taken = lax.while_loop(cond, body, start)
+  return x, taken, first
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -196,23 +199,28 @@ def refine_velocity(model: VxmDense, loss_cfg, schedule, velocity: jax.Array,
 
   A batch of pairs is refined as each pair alone would be (Adam on the sum of their losses
   moves each pair's velocity by its own loss's gradient; with ``tol`` each pair stops when it
-  converges, and the others go on). Returns ``(velocity, steps taken over all levels (B,))``."""
+  converges, and the others go on). Returns ``(velocity, steps taken over all levels (B,),
+  the starting velocity's loss (B,))``; the loss is the first step's (no extra evaluation) where
+  the schedule starts at full size with ``tol``, else None."""
   taken = jnp.zeros(velocity.shape[0], jnp.int32)
-  for factor, steps in normalise_schedule(schedule):
+  start_loss = None
+  for level, (factor, steps) in enumerate(normalise_schedule(schedule)):
     m, f = pool(moving, factor), pool(fixed, factor)
     level_shape = m.shape[1:4]
     if all(n >= v for n, v in zip(level_shape, velocity.shape[1:4])):
-      velocity, k = _adam(lambda v, m=m, f=f: _pair_field_losses(model, loss_cfg, v, m, f),
-                          steps, velocity, learning_rate, tol)
+      velocity, k, first = _adam(lambda v, m=m, f=f: _pair_field_losses(model, loss_cfg, v, m, f),
+                                 steps, velocity, learning_rate, tol)
       taken = taken + k
+      if level == 0 and factor == 1:
+        start_loss = first
       continue
     base = transforms.resize_field(velocity, level_shape)
-    correction, k = _adam(lambda d, base=base, m=m, f=f:
-                          _pair_field_losses(model, loss_cfg, base + d, m, f),
-                          steps, jnp.zeros_like(base), learning_rate, tol)
+    correction, k, _ = _adam(lambda d, base=base, m=m, f=f:
+                             _pair_field_losses(model, loss_cfg, base + d, m, f),
+                             steps, jnp.zeros_like(base), learning_rate, tol)
     taken = taken + k
     velocity = velocity + transforms.resize_field(correction, velocity.shape[1:4])
-  return velocity, taken
+  return velocity, taken, start_loss
 
 
 def normalise_schedule(schedule) -> tuple[tuple[int, int], ...]:
@@ -402,19 +410,25 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
     fields = stages.sync(_fields(model, inverse and not instance.total_steps, variables,
                                  x_moving, x_fixed))
   velocity = fields["velocity"]
-  with stages.stage("loss before/after (for the log)"):
-    loss_before = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed))
-  loss_after = loss_before
+  loss_before = None  # the refinement's first step evaluates it where it starts at full size
   steps_taken = [instance.total_steps] * len(pairs)
   if instance.total_steps > 0:
     lr = instance.learning_rate
     if instance.target == "field":
       with stages.stage("refinement"):
-        velocity, steps_taken = stages.sync(refine_velocity(
+        velocity_before = velocity
+        velocity, steps_taken, loss_before = stages.sync(refine_velocity(
             model, loss_cfg, instance.schedule, velocity, x_moving, x_fixed, lr, instance.tol))
         steps_taken = [int(k) for k in steps_taken]
+      if loss_before is None:
+        with stages.stage("loss before/after (for the log)"):
+          loss_before = stages.sync(_pair_field_losses(model, loss_cfg, velocity_before,
+                                                       x_moving, x_fixed))
       fields = _fields_from_velocity(model, inverse, net_grid, velocity)
     else:
+      with stages.stage("loss before/after (for the log)"):
+        loss_before = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving,
+                                                     x_fixed))
       params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
                                  x_moving, x_fixed, lr)
       variables = {**variables, "params": params}
@@ -423,6 +437,10 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
     with stages.stage("loss before/after (for the log)"):
       loss_after = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving,
                                                   x_fixed))
+  else:
+    with stages.stage("loss before/after (for the log)"):
+      loss_before = loss_after = stages.sync(_pair_field_losses(model, loss_cfg, velocity,
+                                                                x_moving, x_fixed))
 
   full_shape = pairs[0][0].image.shape
 
