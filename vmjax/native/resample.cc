@@ -43,6 +43,11 @@
 
 #include <omp.h>
 
+#if defined(__AVX2__) && defined(__FMA__)  // -march=native on a CPU with them
+#define VMJAX_AVX2 1
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -219,13 +224,97 @@ inline void Corners(const Interior& in, float w[8], int64_t off[8]) {
   }
 }
 
+#ifdef VMJAX_AVX2
+// 8 consecutive samples of a row of a 1-channel image (an image warp) at once, with AVX2
+// gathers: the lanes whose corners all lie inside (Inside's test, per lane), their lower
+// corners' offsets and fractional parts. The other lanes take the scalar path.
+struct Lanes8 {
+  __m256i offset;
+  __m256 f0, f1, f2;
+  int inside;  // bit k: lane k lies inside
+};
+
+// Whether a batch item's offsets fit the gathers' 32-bit indices.
+inline bool Gatherable(const Shapes& s) { return s.di * s.hi * s.wi * s.c < (int64_t{1} << 31); }
+
+inline Lanes8 Interior8(const Shapes& s, __m256 p0, __m256 p1, __m256 p2) {
+  const __m256 zero = _mm256_setzero_ps();
+  auto within = [&](__m256 p, int64_t n) {
+    return _mm256_and_ps(_mm256_cmp_ps(p, zero, _CMP_GE_OQ),
+                         _mm256_cmp_ps(p, _mm256_set1_ps(static_cast<float>(n - 1)),
+                                       _CMP_LT_OQ));
+  };
+  const __m256 ok = _mm256_and_ps(_mm256_and_ps(within(p0, s.di), within(p1, s.hi)),
+                                  within(p2, s.wi));
+  Lanes8 l;
+  l.inside = _mm256_movemask_ps(ok);
+  p0 = _mm256_and_ps(p0, ok);  // lanes outside (NaN included) at 0: valid indices
+  p1 = _mm256_and_ps(p1, ok);
+  p2 = _mm256_and_ps(p2, ok);
+  const __m256i i0 = _mm256_cvttps_epi32(p0), i1 = _mm256_cvttps_epi32(p1),
+                i2 = _mm256_cvttps_epi32(p2);  // floor: p >= 0
+  l.f0 = _mm256_sub_ps(p0, _mm256_cvtepi32_ps(i0));
+  l.f1 = _mm256_sub_ps(p1, _mm256_cvtepi32_ps(i1));
+  l.f2 = _mm256_sub_ps(p2, _mm256_cvtepi32_ps(i2));
+  l.offset = _mm256_add_epi32(
+      _mm256_mullo_epi32(_mm256_add_epi32(_mm256_mullo_epi32(i0, _mm256_set1_epi32(s.hi)), i1),
+                         _mm256_set1_epi32(s.wi)),
+      i2);
+  return l;
+}
+
+// The 8 corners of each lane, (D, H, W) bits in that order, of a 1-channel image.
+inline void Gather8(const float* img, const Shapes& s, const Lanes8& l, __m256 v[8]) {
+  const __m256i sh = _mm256_set1_epi32(s.wi), sd = _mm256_set1_epi32(s.hi * s.wi);
+  const __m256i rows[4] = {l.offset, _mm256_add_epi32(l.offset, sh),
+                           _mm256_add_epi32(l.offset, sd),
+                           _mm256_add_epi32(_mm256_add_epi32(l.offset, sd), sh)};
+  for (int k = 0; k < 4; ++k) {
+    v[2 * k] = _mm256_i32gather_ps(img, rows[k], 4);
+    v[2 * k + 1] = _mm256_i32gather_ps(img + 1, rows[k], 4);
+  }
+}
+
+inline __m256 Lerp(__m256 a, __m256 b, __m256 f) {  // a + f (b - a)
+  return _mm256_fmadd_ps(f, _mm256_sub_ps(b, a), a);
+}
+
+// The positions of the 8 samples x .. x + 7 of a row (see Position): coords[x + lane] itself,
+// or with `relative` the lane's grid index plus it.
+inline void Positions8(const Position& at, const float* coords, int64_t x, int64_t w,
+                       __m256 p[3]) {
+  const __m256i stride3 = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  for (int k = 0; k < 3; ++k)  // gathers do not start the hardware prefetcher: ahead by hand
+    _mm_prefetch(reinterpret_cast<const char*>(coords + x * 3 + 512 + 16 * k), _MM_HINT_T0);
+  for (int k = 0; k < 3; ++k) p[k] = _mm256_i32gather_ps(coords + x * 3 + k, stride3, 4);
+  if (at.relative) {
+    p[0] = _mm256_add_ps(p[0], _mm256_set1_ps(at.d));
+    p[1] = _mm256_add_ps(p[1], _mm256_set1_ps(at.h));
+    p[2] = _mm256_add_ps(p[2], _mm256_add_ps(_mm256_set1_ps(static_cast<float>(w)),
+                                             _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)));
+  }
+}
+#endif
+
 // Calls f(b, x, p) for every sample of the coords' grid: its batch item, its flat index over
-// the batch, and where it lies (Position), rows in parallel.
-template <typename F>
-inline void ForEachSample(const Shapes& s, const float* coords, bool relative, F&& f) {
+// the batch, and where it lies (Position), rows in parallel. With `block8` (AVX2 builds),
+// first block8(b, x, w, at) for each run of 8 samples of a row, which returns a mask of the
+// lanes it did; f then does the others.
+template <typename F, typename G>
+inline void ForEachSampleIn8(const Shapes& s, const float* coords, bool relative, F&& f,
+                             G&& block8) {
   ForEachRow(s, [&](int64_t b, int64_t x0) {
     const Position at(s, relative, x0);
-    for (int64_t w = 0; w < s.ow; ++w) {
+    int64_t w = 0;
+#ifdef VMJAX_AVX2
+    for (; w + 8 <= s.ow; w += 8) {
+      const int64_t x = b * s.out + x0 + w;
+      const int done = block8(b, x, w, at);
+      for (int lane = 0; lane < 8; ++lane)
+        if (!(done >> lane & 1)) f(b, x + lane, at.At(coords + (x + lane) * 3, w + lane));
+    }
+#endif
+    for (; w < s.ow; ++w) {
       const int64_t x = b * s.out + x0 + w;
       f(b, x, at.At(coords + x * 3, w));
     }
@@ -239,7 +328,7 @@ void TrilinearLoop(const Shapes& s0, const float* img, const float* coords, floa
   Shapes s = s0;
   if (C > 0) s.c = C;
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
-  ForEachSample(s, coords, relative, [&](int64_t b, int64_t x, const std::array<float, 3>& p) {
+  auto one = [&](int64_t b, int64_t x, const std::array<float, 3>& p) {
     const float* base = img + b * per_item;
     float* ov = o + x * s.c;
     Interior in;
@@ -253,7 +342,24 @@ void TrilinearLoop(const Shapes& s0, const float* img, const float* coords, floa
       const float wt = w0 * w1 * w2;
       for (int64_t k = 0; k < s.c; ++k) ov[k] += wt * base[offset + k];
     });
-  });
+  };
+  auto block8 = [&](int64_t b, int64_t x, int64_t w, const Position& at) -> int {
+#ifdef VMJAX_AVX2
+    if (C == 1 && Gatherable(s)) {
+      __m256 p[3], v[8];
+      Positions8(at, coords, x, w, p);
+      const Lanes8 l = Interior8(s, p[0], p[1], p[2]);
+      Gather8(img + b * per_item, s, l, v);
+      __m256 c[4];
+      for (int k = 0; k < 4; ++k) c[k] = Lerp(v[2 * k], v[2 * k + 1], l.f2);
+      const __m256 value = Lerp(Lerp(c[0], c[1], l.f1), Lerp(c[2], c[3], l.f1), l.f0);
+      _mm256_storeu_ps(o + x, value);  // the lanes outside are overwritten by `one`
+      return l.inside;
+    }
+#endif
+    return 0;
+  };
+  ForEachSampleIn8(s, coords, relative, one, block8);
 }
 
 ffi::Error Trilinear(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32> coords,
@@ -271,7 +377,7 @@ void TrilinearGradCoordsLoop(const Shapes& s0, const float* img, const float* co
   Shapes s = s0;
   if (C > 0) s.c = C;
   const int64_t per_item = s.di * s.hi * s.wi * s.c;
-  ForEachSample(s, coords, relative, [&](int64_t b, int64_t x, const std::array<float, 3>& p) {
+  auto one = [&](int64_t b, int64_t x, const std::array<float, 3>& p) {
     const float* base = img + b * per_item;
     const float* gv = gp + x * s.c;
     float t[3] = {0.0f, 0.0f, 0.0f};
@@ -291,7 +397,34 @@ void TrilinearGradCoordsLoop(const Shapes& s0, const float* img, const float* co
       });
     }
     for (int k = 0; k < 3; ++k) dc[x * 3 + k] = t[k];
-  });
+  };
+  auto block8 = [&](int64_t b, int64_t x, int64_t w, const Position& at) -> int {
+#ifdef VMJAX_AVX2
+    if (C == 1 && Gatherable(s)) {
+      __m256 p[3], v[8], e[4], c[4];
+      Positions8(at, coords, x, w, p);
+      const Lanes8 l = Interior8(s, p[0], p[1], p[2]);
+      Gather8(img + b * per_item, s, l, v);
+      for (int k = 0; k < 4; ++k) {
+        e[k] = _mm256_sub_ps(v[2 * k + 1], v[2 * k]);
+        c[k] = _mm256_fmadd_ps(l.f2, e[k], v[2 * k]);
+      }
+      const __m256 g = _mm256_loadu_ps(gp + x), a0 = _mm256_sub_ps(_mm256_set1_ps(1.0f), l.f0);
+      const __m256 c01 = _mm256_sub_ps(c[1], c[0]), c23 = _mm256_sub_ps(c[3], c[2]);
+      const __m256 lo = _mm256_fmadd_ps(l.f1, c01, c[0]), hi = _mm256_fmadd_ps(l.f1, c23, c[2]);
+      alignas(32) float t[3][8];
+      _mm256_store_ps(t[0], _mm256_mul_ps(g, _mm256_sub_ps(hi, lo)));
+      _mm256_store_ps(t[1], _mm256_mul_ps(g, _mm256_fmadd_ps(a0, c01, _mm256_mul_ps(l.f0, c23))));
+      _mm256_store_ps(t[2], _mm256_mul_ps(g, _mm256_fmadd_ps(
+          a0, Lerp(e[0], e[1], l.f1), _mm256_mul_ps(l.f0, Lerp(e[2], e[3], l.f1)))));
+      for (int lane = 0; lane < 8; ++lane)
+        for (int k = 0; k < 3; ++k) dc[(x + lane) * 3 + k] = t[k][lane];
+      return l.inside;
+    }
+#endif
+    return 0;
+  };
+  ForEachSampleIn8(s, coords, relative, one, block8);
 }
 
 ffi::Error TrilinearGradCoords(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32> coords,
@@ -736,13 +869,11 @@ ffi::Error Upsample2T(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> x) {
   return ffi::Error::Success();
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef VMJAX_AVX2
 // 3-channel interior samples (a field sampling itself in scaling and squaring) with AVX2: each
 // of the 4 (D, H) rows of a sample's corners is one load of 8 floats, its two W corners' 3
 // channels and 2 floats beyond (used only where they lie inside the buffer: Fits3). Lanes 0-2
 // hold the channels.
-#define VMJAX_AVX2 1
-#include <immintrin.h>
 
 struct Rows3 {
   __m256 a[4];  // the lower W corner of each row (lanes 0-2)
@@ -761,10 +892,6 @@ inline void LoadRows3(const float* v, const Interior& in, Rows3* r) {
     r->a[k] = row;
     r->e[k] = _mm256_sub_ps(_mm256_permutevar8x32_ps(row, upper), row);
   }
-}
-
-inline __m256 Lerp(__m256 a, __m256 b, __m256 f) {  // a + f (b - a)
-  return _mm256_fmadd_ps(f, _mm256_sub_ps(b, a), a);
 }
 
 // Lerp3 of the three channels (lanes 0-2).
