@@ -257,3 +257,17 @@ def test_compose_self_of_a_smooth_field_matches_compose_and_its_gradient(shape):
   grad_native = jax.jit(jax.grad(lambda u: jnp.sum(g * jnp.sin(kernels.compose_self(u)))))(u)
   grad_xla = jax.grad(lambda u: jnp.sum(g * jnp.sin(transforms.compose(u, u))))(u)
   np.testing.assert_allclose(grad_native, grad_xla, atol=2e-5)
+
+
+def test_a_cpu_only_process_calls_the_native_path_without_a_platform_switch(monkeypatch):
+  # Where a program could be lowered for another platform, lax.platform_dependent chooses the
+  # path at lowering, and leaves a conditional around the call (XLA:CPU then copies its
+  # operands); a CPU-only process (this one) calls the native path directly.
+  from vmjax.native import build
+  image, coords = _sample_case(20, (4, 5, 6), (4, 5, 6), 1, batch=1)
+  assert build.cpu_only()
+  alone = jax.jit(lambda i, d: transforms.warp(i, d)).lower(image, coords).as_text()
+  monkeypatch.setattr(build, "cpu_only", lambda: False)
+  switched = jax.jit(lambda i, d: transforms.warp(i, d)).lower(image, coords).as_text()
+  assert "vmjax_trilinear" in alone and "stablehlo.case" not in alone
+  assert "vmjax_trilinear" in switched and "stablehlo.case" in switched

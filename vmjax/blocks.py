@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vmjax import conv
+from vmjax.native import build
 
 
 def _leaky_relu(y, slope):
@@ -131,7 +132,7 @@ def upsample_concat_conv_block(h: jax.Array, skip: jax.Array, w: jax.Array, b: j
               and conv.onednn_eligible())
   if eligible:
     def fn(h, skip, w, b):
-      return lax.platform_dependent(h, skip, w, b, cpu=on_cpu, default=plain)
+      return build.dispatch(on_cpu, plain, h, skip, w, b)
   else:
     fn = plain
   return (jax.checkpoint(fn) if remat else fn)(h, skip, w, b)

@@ -4,7 +4,7 @@ XLA:CPU runs 3x3x3 convolutions at ~30 GFLOP/s on AVX-512/AMX cores where oneDNN
 uses) reaches ~300 (measured: docs/performance.md). ``conv_general_dilated`` below has
 ``lax.conv_general_dilated``'s signature (flax's ``nn.Conv(conv_general_dilated=...)`` takes it)
 and, inside one jitted function, lowers to a oneDNN custom call on CPU and to XLA's convolution
-on every other platform (``lax.platform_dependent``). Same math (direct convolution); gradients
+on every other platform (:func:`vmjax.native.build.dispatch`). Same math (direct convolution); gradients
 go through oneDNN's backward-data / backward-weights kernels via ``jax.custom_vjp``. float32 and
 bfloat16 (inputs, kernel and output of one type; oneDNN accumulates in f32): bf16 runs oneDNN's
 AMX / AVX512-BF16 kernels where the CPU has those instructions (``native.build.bf16_isa``);
@@ -271,5 +271,5 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
       return onednn_conv3d_f32_out(x, w, strides, padding)
     return onednn_conv3d(x, w, strides, padding)
 
-  return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=lambda x, w: plain(x, w))
+  return build.dispatch(on_cpu, lambda x, w: plain(x, w), lhs, rhs)
 

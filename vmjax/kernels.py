@@ -29,8 +29,9 @@ loop over contiguous memory (float32, channels-last). Measured jitted, median of
   reused instead of faulted in afresh.
 
 Like :mod:`vmjax.conv`'s, the kernels are built on first use by :mod:`vmjax.native.build` (no
-oneDNN needed) and used only for the CPU backend inside
-``lax.platform_dependent``: GPUs/TPUs, and any CPU where the build fails (one warning), run the
+oneDNN needed) and used only for the CPU backend (:func:`vmjax.native.build.dispatch`: in a
+CPU-only process alone, else inside ``lax.platform_dependent``): GPUs/TPUs, and any CPU where
+the build fails (one warning), run the
 XLA computation in :mod:`vmjax.transforms` / :mod:`vmjax.losses`, which is also the reference
 the tests compare against. ``VMJAX_KERNELS=xla`` switches them off.
 """
@@ -43,7 +44,6 @@ import os
 
 from absl import logging
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from vmjax.native import build
@@ -231,4 +231,4 @@ def on_cpu(native, reference, *args):
   ``reference`` where the native path is not :func:`usable` for ``args``."""
   if not usable(*args):
     return reference(*args)
-  return lax.platform_dependent(*args, cpu=native, default=reference)
+  return build.dispatch(native, reference, *args)

