@@ -85,9 +85,14 @@ def usable(*arrays) -> bool:
           and available())
 
 
-def _call(target: str, shape, *args, **attrs):
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="sequential")(*args, **attrs)
+def _call(target: str, shape, *args, work=(), **attrs):
+  """The kernel's result of ``shape``. ``work``: the shapes of work buffers it also returns,
+  dropped here: XLA allocates them with the program's other buffers (reused from one iteration
+  of a loop to the next) instead of the kernel at each call."""
+  shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in (shape, *work)]
+  out = jax.ffi.ffi_call(target, shapes if work else shapes[0],
+                         vmap_method="sequential")(*args, **attrs)
+  return out[0] if work else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -150,7 +155,8 @@ def ncc_loss(fixed: jax.Array, moved: jax.Array, window: int) -> jax.Array:
 def _ncc_fwd(fixed, moved, window):
   c = fixed.shape[-1]
   fixed_sums = box_sum(jnp.concatenate([fixed, fixed * fixed], axis=-1), window)
-  sums = _call("vmjax_ncc_sums", fixed.shape[:-1] + (3 * c,), fixed, moved, window=int(window))
+  three = fixed.shape[:-1] + (3 * c,)
+  sums = _call("vmjax_ncc_sums", three, fixed, moved, work=(three,), window=int(window))
   total = _call("vmjax_ncc_cc_sum", (), fixed_sums, sums, window=int(window))
   return -total / fixed.size, (fixed, moved, fixed_sums, sums)
 
@@ -160,7 +166,8 @@ def _ncc_bwd(window, residuals, g):
   g = jnp.reshape(g, (1,)).astype(jnp.float32)
   # Two calls: XLA drops the fixed scan's gradient where nothing asks for it.
   grads = [_call("vmjax_ncc_grad", fixed.shape, fixed, moved, fixed_sums, sums, g,
-                 window=int(window), wrt_fixed=wrt) for wrt in (1, 0)]
+                 work=(sums.shape, sums.shape), window=int(window), wrt_fixed=wrt)
+           for wrt in (1, 0)]
   return tuple(grads)
 
 
@@ -172,7 +179,8 @@ def upsample2(x: jax.Array) -> jax.Array:
   """``(B, D, H, W, C)`` -> ``(B, 2D, 2H, 2W, C)``: ``jax.image.resize(method="linear")``'s
   values for twice the size (float32, CPU only). Linear, so its gradient is its transpose."""
   b, d, h, w, c = x.shape
-  return _call("vmjax_upsample2", (b, 2 * d, 2 * h, 2 * w, c), x)
+  return _call("vmjax_upsample2", (b, 2 * d, 2 * h, 2 * w, c), x,
+               work=((b, d, 2 * h, 2 * w, c),))
 
 
 def _upsample2_fwd(x):
@@ -181,7 +189,8 @@ def _upsample2_fwd(x):
 
 def _upsample2_bwd(_, g):
   b, d, h, w, c = g.shape
-  return (_call("vmjax_upsample2_t", (b, d // 2, h // 2, w // 2, c), g),)
+  return (_call("vmjax_upsample2_t", (b, d // 2, h // 2, w // 2, c), g,
+                work=((b, d // 2, h, w, c),)),)
 
 
 upsample2.defvjp(_upsample2_fwd, _upsample2_bwd)

@@ -38,7 +38,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include <omp.h>
@@ -649,14 +648,16 @@ ffi::Error CheckNcc(const ffi::Buffer<ffi::F32>& f, const ffi::Buffer<ffi::F32>&
 
 // s = the box sums of (m, m², f m), channel blocks of C: the terms built in one pass, summed.
 ffi::Error NccSums(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
-                   ffi::ResultBuffer<ffi::F32> sums, int64_t window) {
+                   ffi::ResultBuffer<ffi::F32> sums, ffi::ResultBuffer<ffi::F32> work,
+                   int64_t window) {
   NccShape s;
   if (auto e = CheckNcc(f, m, &s); e.failure()) return e;
+  if (work->element_count() != sums->element_count() || sums->element_count() != 3 * f.element_count())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc sums: (.., 3C) results");
   const int64_t nc = s.nc;
   const float* fp = f.typed_data();
   const float* mp = m.typed_data();
-  std::unique_ptr<float[]> terms(new float[s.voxels * 3 * nc]);  // uninitialised: all written
-  float* tp = terms.get();
+  float* tp = work->typed_data();  // the terms
 #pragma omp parallel for schedule(static)
   for (int64_t x = 0; x < s.voxels; ++x)
     for (int64_t c = 0; c < nc; ++c) {
@@ -709,10 +710,14 @@ ffi::Error NccCcSum(ffi::Buffer<ffi::F32> fixed_sums, ffi::Buffer<ffi::F32> sums
 // sums (the box filter is symmetric), and the chain rule through m, m², f m.
 ffi::Error NccGrad(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
                    ffi::Buffer<ffi::F32> fixed_sums, ffi::Buffer<ffi::F32> sums,
-                   ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> grad, int64_t window,
-                   int64_t wrt_fixed) {
+                   ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> grad,
+                   ffi::ResultBuffer<ffi::F32> cot, ffi::ResultBuffer<ffi::F32> boxed,
+                   int64_t window, int64_t wrt_fixed) {
   NccShape s;
   if (auto e = CheckNcc(f, m, &s); e.failure()) return e;
+  if (cot->element_count() != 3 * f.element_count() ||
+      boxed->element_count() != 3 * f.element_count())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc grad: (.., 3C) work results");
   const int64_t nc = s.nc;
   const float n = static_cast<float>(window * window * window);
   const float scale = -g.typed_data()[0] / static_cast<float>(s.voxels * nc);
@@ -721,9 +726,7 @@ ffi::Error NccGrad(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
   const bool swap = wrt_fixed != 0;
   const float* xp = swap ? f.typed_data() : m.typed_data();  // the image differentiated
   const float* yp = swap ? m.typed_data() : f.typed_data();  // the other
-  std::unique_ptr<float[]> cot(new float[s.voxels * 3 * nc]);  // uninitialised: all written
-  std::unique_ptr<float[]> boxed(new float[s.voxels * 3 * nc]);
-  float* cp = cot.get();
+  float* cp = cot->typed_data();
 #pragma omp parallel for schedule(static)
   for (int64_t x = 0; x < s.voxels; ++x)
     for (int64_t c = 0; c < nc; ++c) {
@@ -742,8 +745,8 @@ ffi::Error NccGrad(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
       t[nc] = d_vx;                                      // d/dΣx²
       t[2 * nc] = d_cross;                               // d/dΣxy
     }
-  BoxSumLoop(cp, boxed.get(), s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
-  const float* bp = boxed.get();
+  BoxSumLoop(cp, boxed->typed_data(), s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
+  const float* bp = boxed->typed_data();
   float* out = grad->typed_data();
 #pragma omp parallel for schedule(static)
   for (int64_t x = 0; x < s.voxels; ++x)
@@ -800,14 +803,13 @@ inline void UpRowsT(const float* g, float* out, int64_t o, int64_t n, int64_t st
 }
 
 // x (B, D, H, W, C) -> y (B, 2D, 2H, 2W, C): each (b, d) plane upsampled along W then H into
-// `planes` (B, D, 2H, 2W, C), then along D into y, in blocks of kBlock floats of a plane (so
-// that both threads share the D pass).
+// `planes` (B, D, 2H, 2W, C: a work buffer), then along D into y, in blocks of kBlock floats of
+// a plane (so that both threads share the D pass).
 constexpr int64_t kBlock = 4096;
 
-void Upsample2Loop(const float* x, float* y, int64_t nb, int64_t nd, int64_t nh, int64_t nw,
-                   int64_t nc) {
+void Upsample2Loop(const float* x, float* y, float* planes, int64_t nb, int64_t nd, int64_t nh,
+                   int64_t nw, int64_t nc) {
   const int64_t small = nh * nw * nc, big = 4 * small;  // one plane before / after H and W
-  std::vector<float> planes(nb * nd * big);
 #pragma omp parallel
   {
     std::vector<float> buf(nh * 2 * nw * nc);
@@ -816,56 +818,61 @@ void Upsample2Loop(const float* x, float* y, int64_t nb, int64_t nd, int64_t nh,
       for (int64_t d = 0; d < nd; ++d) {
         const float* in = x + (b * nd + d) * small;
         for (int64_t h = 0; h < nh; ++h) UpRows(in, buf.data(), h, nw, nc, 0, nc);
-        UpRows(buf.data(), planes.data() + (b * nd + d) * big, 0, nh, 2 * nw * nc, 0,
-               2 * nw * nc);
+        UpRows(buf.data(), planes + (b * nd + d) * big, 0, nh, 2 * nw * nc, 0, 2 * nw * nc);
       }
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t c = 0; c < big; c += kBlock)
-        UpRows(planes.data(), y, b, nd, big, c, std::min(kBlock, big - c));
+        UpRows(planes, y, b, nd, big, c, std::min(kBlock, big - c));
   }
 }
 
 // The transpose of Upsample2Loop, y (B, 2D, 2H, 2W, C) -> x (B, D, H, W, C): along D into
-// `planes`, then along H and W per plane.
-void Upsample2TLoop(const float* y, float* x, int64_t nb, int64_t nd, int64_t nh, int64_t nw,
-                    int64_t nc) {
+// `planes` (a work buffer as there), then along H and W per plane.
+void Upsample2TLoop(const float* y, float* x, float* planes, int64_t nb, int64_t nd, int64_t nh,
+                    int64_t nw, int64_t nc) {
   const int64_t small = nh * nw * nc, big = 4 * small;
-  std::vector<float> planes(nb * nd * big);
 #pragma omp parallel
   {
     std::vector<float> buf(nh * 2 * nw * nc);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t c = 0; c < big; c += kBlock)
-        UpRowsT(y, planes.data(), b, nd, big, c, std::min(kBlock, big - c));
+        UpRowsT(y, planes, b, nd, big, c, std::min(kBlock, big - c));
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t d = 0; d < nd; ++d) {
-        UpRowsT(planes.data() + (b * nd + d) * big, buf.data(), 0, nh, 2 * nw * nc, 0,
-                2 * nw * nc);
+        UpRowsT(planes + (b * nd + d) * big, buf.data(), 0, nh, 2 * nw * nc, 0, 2 * nw * nc);
         float* out = x + (b * nd + d) * small;
         for (int64_t h = 0; h < nh; ++h) UpRowsT(buf.data(), out, h, nw, nc, 0, nc);
       }
   }
 }
 
-ffi::Error Upsample2(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+// The work buffers below are results that the caller drops: XLA allocates them with a program's
+// other buffers (reused from one step of a loop to the next), not the kernel at each call.
+ffi::Error Upsample2(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::F32> planes) {
   auto d = x.dimensions();
-  if (d.size() != 5)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax upsample2: x (B, D, H, W, C)");
-  Upsample2Loop(x.typed_data(), y->typed_data(), d[0], d[1], d[2], d[3], d[4]);
+  if (d.size() != 5 || planes->element_count() != 4 * x.element_count())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax upsample2: x (B, D, H, W, C), work (B, D, 2H, 2W, C)");
+  Upsample2Loop(x.typed_data(), y->typed_data(), planes->typed_data(), d[0], d[1], d[2], d[3],
+                d[4]);
   return ffi::Error::Success();
 }
 
-ffi::Error Upsample2T(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> x) {
+ffi::Error Upsample2T(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> x,
+                      ffi::ResultBuffer<ffi::F32> planes) {
   auto d = x->dimensions();
   auto e = g.dimensions();
   if (d.size() != 5 || e.size() != 5 || e[0] != d[0] || e[4] != d[4] || e[1] != 2 * d[1] ||
-      e[2] != 2 * d[2] || e[3] != 2 * d[3])
+      e[2] != 2 * d[2] || e[3] != 2 * d[3] || planes->element_count() != 4 * x->element_count())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "vmjax upsample2 transpose: g (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)");
-  Upsample2TLoop(g.typed_data(), x->typed_data(), d[0], d[1], d[2], d[3], d[4]);
+                      "vmjax upsample2 transpose: g (B, 2D, 2H, 2W, C) -> (B, D, H, W, C), "
+                      "work (B, D, 2H, 2W, C)");
+  Upsample2TLoop(g.typed_data(), x->typed_data(), planes->typed_data(), d[0], d[1], d[2], d[3],
+                 d[4]);
   return ffi::Error::Success();
 }
 
@@ -1113,17 +1120,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxBoxSum, BoxSum,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window"));
-// NCC's sums and its sum of cc take two buffers and the window, and return one buffer.
-#define VMJAX_NCC_HANDLER(SYMBOL, FUNCTION)                       \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, FUNCTION,                 \
-                                ffi::Ffi::Bind()                  \
-                                    .Arg<ffi::Buffer<ffi::F32>>() \
-                                    .Arg<ffi::Buffer<ffi::F32>>() \
-                                    .Ret<ffi::Buffer<ffi::F32>>() \
-                                    .Attr<int64_t>("window"));
-
-VMJAX_NCC_HANDLER(VmjaxNccSums, NccSums)
-VMJAX_NCC_HANDLER(VmjaxNccCcSum, NccCcSum)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccSums, NccSums,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccCcSum, NccCcSum,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccGrad, NccGrad,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -1132,16 +1141,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccGrad, NccGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("wrt_fixed"));
 
-// The x2 upsampling and its transpose take one buffer and return one.
-#define VMJAX_UNARY_HANDLER(SYMBOL, FUNCTION)                                            \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, FUNCTION,                                        \
-                                ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+// The x2 upsampling and its transpose take one buffer and return it and a work buffer.
+#define VMJAX_UPSAMPLE_HANDLER(SYMBOL, FUNCTION)                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(SYMBOL, FUNCTION,                 \
+                                ffi::Ffi::Bind()                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
 
-VMJAX_UNARY_HANDLER(VmjaxUpsample2, Upsample2)
-VMJAX_UNARY_HANDLER(VmjaxUpsample2T, Upsample2T)
+VMJAX_UPSAMPLE_HANDLER(VmjaxUpsample2, Upsample2)
+VMJAX_UPSAMPLE_HANDLER(VmjaxUpsample2T, Upsample2T)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxComposeSelf, ComposeSelf,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
