@@ -215,9 +215,9 @@ def save_nifti(img: nib.Nifti1Image, path: str) -> None:
   ``(D, H, W, 3)`` voxels, ITK's ``(X, Y, Z, 1, 3)``) is a gzip of stored (level 0) blocks:
   float displacements hardly compress, and deflating them was the slowest part of writing a
   registration's outputs (a 256x256x160x3 warp of OASIS-TRT-20: stored 0.24 s, 120 MB;
-  Huffman-only 1.12 s, 83.5 % of it; gzip level 1 ~2.3x Huffman's time for 1 % less; 2-core
-  AMD EPYC Zen 4, 2026-12-06). Any gzip reader (nibabel, ITK, FSL) reads it as usual; a
-  ``.nii`` path is written uncompressed."""
+  Huffman-only 1.12 s, 83.5 % of it; 2-core AMD EPYC Zen 4, 2026-12-06; gzip's default level
+  1 took 2.3x Huffman's time for 1 % less on a Zen 3, 2026-12-01). Any gzip reader (nibabel,
+  ITK, FSL) reads it as usual; a ``.nii`` path is written uncompressed."""
   if not (str(path).endswith(".gz") and len(img.shape) >= 4):
     nib.save(img, path)
     return

@@ -233,8 +233,11 @@ struct Lanes8 {
   int inside;  // bit k: lane k lies inside
 };
 
-// Whether a batch item's offsets fit the gathers' 32-bit indices.
-inline bool Gatherable(const Shapes& s) { return s.di * s.hi * s.wi * s.c < (int64_t{1} << 31); }
+// Whether a batch item's offsets fit the gathers' 32-bit indices, and every axis has two
+// voxels (a lane outside gathers the corners of voxel 0, which must exist).
+inline bool Gatherable(const Shapes& s) {
+  return s.di >= 2 && s.hi >= 2 && s.wi >= 2 && s.di * s.hi * s.wi * s.c < (int64_t{1} << 31);
+}
 
 inline Lanes8 Interior8(const Shapes& s, __m256 p0, __m256 p1, __m256 p2) {
   const __m256 zero = _mm256_setzero_ps();
@@ -348,6 +351,7 @@ void TrilinearLoop(const Shapes& s0, const float* img, const float* coords, floa
       __m256 p[3], v[8];
       Positions8(at, coords, x, w, p);
       const Lanes8 l = Interior8(s, p[0], p[1], p[2]);
+      if (!l.inside) return 0;
       Gather8(img + b * per_item, s, l, v);
       __m256 c[4];
       for (int k = 0; k < 4; ++k) c[k] = Lerp(v[2 * k], v[2 * k + 1], l.f2);
@@ -403,6 +407,7 @@ void TrilinearGradCoordsLoop(const Shapes& s0, const float* img, const float* co
       __m256 p[3], v[8], e[4], c[4];
       Positions8(at, coords, x, w, p);
       const Lanes8 l = Interior8(s, p[0], p[1], p[2]);
+      if (!l.inside) return 0;
       Gather8(img + b * per_item, s, l, v);
       for (int k = 0; k < 4; ++k) {
         e[k] = _mm256_sub_ps(v[2 * k + 1], v[2 * k]);
@@ -611,8 +616,8 @@ ffi::Error BoxSum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_
 }
 
 // Local NCC (vmjax/losses.py ncc_loss) of f and m (B, D, H, W, C), given the box sums of f's
-// terms fs = (Σf, Σf²) (2C channels, computed once per fixed scan) and of m's s = (Σm, Σm², Σfm)
-// (3C channels): per voxel and channel, with n = window³,
+// terms fs = (Σf, Σf²) (2C channels, computed once per fixed scan) and of m's
+// s = (Σm, Σm², Σfm) (3C channels): per voxel and channel, with n = window³,
 //   cross = Σfm - Σf Σm / n,  v_f = max(Σf² - (Σf)² / n, 0),  v_m likewise,
 //   cc = cross² / (v_f v_m + 1e-5).
 struct NccTerms {
@@ -652,7 +657,8 @@ ffi::Error NccSums(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
                    int64_t window) {
   NccShape s;
   if (auto e = CheckNcc(f, m, &s); e.failure()) return e;
-  if (work->element_count() != sums->element_count() || sums->element_count() != 3 * f.element_count())
+  if (work->element_count() != sums->element_count() ||
+      sums->element_count() != 3 * f.element_count())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc sums: (.., 3C) results");
   const int64_t nc = s.nc;
   const float* fp = f.typed_data();
