@@ -1,5 +1,5 @@
-// Trilinear resampling and windowed box sums on the CPU, exposed to XLA as FFI custom calls
-// (vmjax/kernels.py). XLA:CPU runs these as scalar gathers, scatter-adds and reduce_window
+// Trilinear resampling, windowed box sums and local NCC on the CPU, exposed to XLA as FFI custom
+// calls (vmjax/kernels.py). XLA:CPU runs these as scalar gathers, scatter-adds and reduce_window
 // loops; here they are plain OpenMP loops over contiguous memory. float32, channels-last,
 // row-major, the same math as the XLA reference in vmjax/transforms.py and vmjax/losses.py.
 //
@@ -17,18 +17,25 @@
 //   VmjaxBoxSum(x (B, D, H, W, C)) -> y: the sum over a window^3 cube around each voxel, zero
 //     padded (attr window, odd). Separable: running sums along D, then windowed sums along H
 //     and W per (b, d) slab.
-//   VmjaxNccSums(f, m (B, D, H, W, C)) -> the box sums of m, m², f m (B, D, H, W, 3C);
+//   VmjaxNccSums(f, m (B, D, H, W, C)) -> the box sums of m, m², f m (B, D, H, W, 3C) and a
+//     work buffer of that shape (the terms; the caller drops it: XLA allocates it with the
+//     program's buffers, reused across a loop's steps, instead of the kernel at each call);
 //   VmjaxNccCcSum(box sums of f, f² (.., 2C), those (.., 3C)) -> the sum of local NCC's cc;
 //   VmjaxNccGrad(f, m, the two sums, g (1,)) -> the gradient of g * -mean(cc) with respect to
-//     m (attr wrt_fixed 0) or f (1). vmjax/losses.py ncc_loss in three calls.
+//     m (attr wrt_fixed 0) or f (1), and two (.., 3C) work buffers. vmjax/losses.py ncc_loss in
+//     three calls.
 //   VmjaxUpsample2(x (B, D, H, W, C)) -> y (B, 2D, 2H, 2W, C): linear resampling to twice the
 //     size, jax.image.resize(method="linear")'s values (half-pixel centres: output 2i samples
-//     i - 1/4, output 2i + 1 samples i + 1/4; the edge voxels extended).
-//   VmjaxUpsample2T(g (B, 2D, 2H, 2W, C)) -> x (B, D, H, W, C): its transpose (the gradient).
+//     i - 1/4, output 2i + 1 samples i + 1/4; the edge voxels extended), and a (B, D, 2H, 2W, C)
+//     work buffer.
+//   VmjaxUpsample2T(g (B, 2D, 2H, 2W, C)) -> x (B, D, H, W, C): its transpose (the gradient),
+//     and the same work buffer.
 //   VmjaxComposeSelf(u (B, D, H, W, 3)) -> u(x) + u(x + u(x)): one squaring of scaling and
 //     squaring (trilinear, indices clamped to the field), without the coordinates in memory.
 //   VmjaxComposeSelfGrad(u, g) -> d_u: its gradient, the coordinate and the scattered image
 //     parts in one pass (ScatterInParallel).
+// With -march=native on a CPU with AVX2 and FMA, interior samples of 1-channel images go 8 at a
+// time (gathers) and those of 3-channel fields one corner row per load (VMJAX_AVX2).
 //   VmjaxSum(x (any shape)) -> the sum of its elements (f64 accumulation, per-thread partial
 //     sums added in a fixed order). XLA:CPU fuses an elementwise map into the reduction that
 //     consumes it and then runs ~20-50x slower than the map and the sum apart (NCC's mean).
