@@ -272,20 +272,47 @@ inline Lanes8 Interior8(const Shapes& s, __m256 p0, __m256 p1, __m256 p2) {
   return l;
 }
 
-// The 8 corners of each lane, (D, H, W) bits in that order, of a 1-channel image.
-inline void Gather8(const float* img, const Shapes& s, const Lanes8& l, __m256 v[8]) {
+// The corners of trilinear samples in vector lanes (8 image samples, or the 3 channels of one
+// field sample), by their 4 rows along W: (D, H) = (0, 0), (0, 1), (1, 0), (1, 1).
+struct CornerRows {
+  __m256 a[4];  // each row's lower W corner
+  __m256 e[4];  // its upper W corner minus the lower
+};
+
+inline __m256 Lerp(__m256 a, __m256 b, __m256 f) {  // a + f (b - a)
+  return _mm256_fmadd_ps(f, _mm256_sub_ps(b, a), a);
+}
+
+// The trilinear value in each lane (Lerp3's), with the fractional parts f0, f1, f2 along D, H, W.
+inline __m256 LerpRows(const CornerRows& r, __m256 f0, __m256 f1, __m256 f2) {
+  __m256 c[4];
+  for (int k = 0; k < 4; ++k) c[k] = _mm256_fmadd_ps(f2, r.e[k], r.a[k]);
+  return Lerp(Lerp(c[0], c[1], f1), Lerp(c[2], c[3], f1), f0);
+}
+
+// Its derivatives with respect to f0, f1, f2 (Lerp3Grad's, before the weight g).
+inline void LerpRowsGrad(const CornerRows& r, __m256 f0, __m256 f1, __m256 f2, __m256 d[3]) {
+  const __m256 a0 = _mm256_sub_ps(_mm256_set1_ps(1.0f), f0);
+  __m256 c[4];
+  for (int k = 0; k < 4; ++k) c[k] = _mm256_fmadd_ps(f2, r.e[k], r.a[k]);
+  const __m256 c01 = _mm256_sub_ps(c[1], c[0]), c23 = _mm256_sub_ps(c[3], c[2]);
+  d[0] = _mm256_sub_ps(_mm256_fmadd_ps(f1, c23, c[2]), _mm256_fmadd_ps(f1, c01, c[0]));
+  d[1] = _mm256_fmadd_ps(a0, c01, _mm256_mul_ps(f0, c23));
+  d[2] = _mm256_fmadd_ps(a0, Lerp(r.e[0], r.e[1], f1), _mm256_mul_ps(f0, Lerp(r.e[2], r.e[3], f1)));
+}
+
+// The corners of each lane of a 1-channel image.
+inline CornerRows Gather8(const float* img, const Shapes& s, const Lanes8& l) {
   const __m256i sh = _mm256_set1_epi32(s.wi), sd = _mm256_set1_epi32(s.hi * s.wi);
   const __m256i rows[4] = {l.offset, _mm256_add_epi32(l.offset, sh),
                            _mm256_add_epi32(l.offset, sd),
                            _mm256_add_epi32(_mm256_add_epi32(l.offset, sd), sh)};
+  CornerRows r;
   for (int k = 0; k < 4; ++k) {
-    v[2 * k] = _mm256_i32gather_ps(img, rows[k], 4);
-    v[2 * k + 1] = _mm256_i32gather_ps(img + 1, rows[k], 4);
+    r.a[k] = _mm256_i32gather_ps(img, rows[k], 4);
+    r.e[k] = _mm256_sub_ps(_mm256_i32gather_ps(img + 1, rows[k], 4), r.a[k]);
   }
-}
-
-inline __m256 Lerp(__m256 a, __m256 b, __m256 f) {  // a + f (b - a)
-  return _mm256_fmadd_ps(f, _mm256_sub_ps(b, a), a);
+  return r;
 }
 
 // The positions of the 8 samples x .. x + 7 of a row (see Position): coords[x + lane] itself,
@@ -355,14 +382,11 @@ void TrilinearLoop(const Shapes& s0, const float* img, const float* coords, floa
   auto block8 = [&](int64_t b, int64_t x, int64_t w, const Position& at) -> int {
 #ifdef VMJAX_AVX2
     if (C == 1 && Gatherable(s)) {
-      __m256 p[3], v[8];
+      __m256 p[3];
       Positions8(at, coords, x, w, p);
       const Lanes8 l = Interior8(s, p[0], p[1], p[2]);
       if (!l.inside) return 0;
-      Gather8(img + b * per_item, s, l, v);
-      __m256 c[4];
-      for (int k = 0; k < 4; ++k) c[k] = Lerp(v[2 * k], v[2 * k + 1], l.f2);
-      const __m256 value = Lerp(Lerp(c[0], c[1], l.f1), Lerp(c[2], c[3], l.f1), l.f0);
+      const __m256 value = LerpRows(Gather8(img + b * per_item, s, l), l.f0, l.f1, l.f2);
       _mm256_storeu_ps(o + x, value);  // the lanes outside are overwritten by `one`
       return l.inside;
     }
@@ -411,23 +435,14 @@ void TrilinearGradCoordsLoop(const Shapes& s0, const float* img, const float* co
   auto block8 = [&](int64_t b, int64_t x, int64_t w, const Position& at) -> int {
 #ifdef VMJAX_AVX2
     if (C == 1 && Gatherable(s)) {
-      __m256 p[3], v[8], e[4], c[4];
+      __m256 p[3], d[3];
       Positions8(at, coords, x, w, p);
       const Lanes8 l = Interior8(s, p[0], p[1], p[2]);
       if (!l.inside) return 0;
-      Gather8(img + b * per_item, s, l, v);
-      for (int k = 0; k < 4; ++k) {
-        e[k] = _mm256_sub_ps(v[2 * k + 1], v[2 * k]);
-        c[k] = _mm256_fmadd_ps(l.f2, e[k], v[2 * k]);
-      }
-      const __m256 g = _mm256_loadu_ps(gp + x), a0 = _mm256_sub_ps(_mm256_set1_ps(1.0f), l.f0);
-      const __m256 c01 = _mm256_sub_ps(c[1], c[0]), c23 = _mm256_sub_ps(c[3], c[2]);
-      const __m256 lo = _mm256_fmadd_ps(l.f1, c01, c[0]), hi = _mm256_fmadd_ps(l.f1, c23, c[2]);
+      LerpRowsGrad(Gather8(img + b * per_item, s, l), l.f0, l.f1, l.f2, d);
+      const __m256 g = _mm256_loadu_ps(gp + x);
       alignas(32) float t[3][8];
-      _mm256_store_ps(t[0], _mm256_mul_ps(g, _mm256_sub_ps(hi, lo)));
-      _mm256_store_ps(t[1], _mm256_mul_ps(g, _mm256_fmadd_ps(a0, c01, _mm256_mul_ps(l.f0, c23))));
-      _mm256_store_ps(t[2], _mm256_mul_ps(g, _mm256_fmadd_ps(
-          a0, Lerp(e[0], e[1], l.f1), _mm256_mul_ps(l.f0, Lerp(e[2], e[3], l.f1)))));
+      for (int k = 0; k < 3; ++k) _mm256_store_ps(t[k], _mm256_mul_ps(g, d[k]));
       for (int lane = 0; lane < 8; ++lane)
         for (int k = 0; k < 3; ++k) dc[(x + lane) * 3 + k] = t[k][lane];
       return l.inside;
@@ -895,51 +910,36 @@ ffi::Error Upsample2T(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> x,
 // channels and 2 floats beyond (used only where they lie inside the buffer: Fits3). Lanes 0-2
 // hold the channels.
 
-struct Rows3 {
-  __m256 a[4];  // the lower W corner of each row (lanes 0-2)
-  __m256 e[4];  // the upper W corner minus the lower
-};
-
 inline bool Fits3(const Interior& in, int64_t size) {
   return in.offset + in.sd + in.sh + 8 <= size;
 }
 
-inline void LoadRows3(const float* v, const Interior& in, Rows3* r) {
+inline CornerRows LoadRows3(const float* v, const Interior& in) {
   const __m256i upper = _mm256_setr_epi32(3, 4, 5, 3, 4, 5, 3, 4);
   const int64_t off[4] = {0, in.sh, in.sd, in.sd + in.sh};
+  CornerRows r;
   for (int k = 0; k < 4; ++k) {
     const __m256 row = _mm256_loadu_ps(v + off[k]);
-    r->a[k] = row;
-    r->e[k] = _mm256_sub_ps(_mm256_permutevar8x32_ps(row, upper), row);
+    r.a[k] = row;
+    r.e[k] = _mm256_sub_ps(_mm256_permutevar8x32_ps(row, upper), row);
   }
+  return r;
 }
 
 // Lerp3 of the three channels (lanes 0-2).
-inline __m256 Lerp3x3(const Rows3& r, const Interior& in) {
-  const __m256 f0 = _mm256_set1_ps(in.f0), f1 = _mm256_set1_ps(in.f1),
-               f2 = _mm256_set1_ps(in.f2);
-  __m256 c[4];
-  for (int k = 0; k < 4; ++k) c[k] = _mm256_fmadd_ps(f2, r.e[k], r.a[k]);
-  return Lerp(Lerp(c[0], c[1], f1), Lerp(c[2], c[3], f1), f0);
+inline __m256 Lerp3x3(const CornerRows& r, const Interior& in) {
+  return LerpRows(r, _mm256_set1_ps(in.f0), _mm256_set1_ps(in.f1), _mm256_set1_ps(in.f2));
 }
 
 // Lerp3Grad summed over the three channels with weights g (lanes 0-2, zeros beyond): t[0..2]
 // += the derivatives with respect to the sample's coordinates.
-inline void Lerp3x3Grad(const Rows3& r, const Interior& in, __m256 g, float* t) {
-  const __m256 f0 = _mm256_set1_ps(in.f0), f1 = _mm256_set1_ps(in.f1),
-               f2 = _mm256_set1_ps(in.f2), a0 = _mm256_set1_ps(1.0f - in.f0);
-  __m256 c[4];
-  for (int k = 0; k < 4; ++k) c[k] = _mm256_fmadd_ps(f2, r.e[k], r.a[k]);
-  const __m256 c01 = _mm256_sub_ps(c[1], c[0]), c23 = _mm256_sub_ps(c[3], c[2]);
-  const __m256 lo = _mm256_fmadd_ps(f1, c01, c[0]), hi = _mm256_fmadd_ps(f1, c23, c[2]);
-  const __m256 d0 = _mm256_sub_ps(hi, lo);
-  const __m256 d1 = _mm256_fmadd_ps(a0, c01, _mm256_mul_ps(f0, c23));
-  const __m256 d2 = _mm256_fmadd_ps(a0, Lerp(r.e[0], r.e[1], f1),
-                                    _mm256_mul_ps(f0, Lerp(r.e[2], r.e[3], f1)));
+inline void Lerp3x3Grad(const CornerRows& r, const Interior& in, __m256 g, float* t) {
+  __m256 d[3];
+  LerpRowsGrad(r, _mm256_set1_ps(in.f0), _mm256_set1_ps(in.f1), _mm256_set1_ps(in.f2), d);
   // The channel sums of d_i * g: only lanes 0-2 are non-zero, all in the low half.
-  const __m128 p0 = _mm256_castps256_ps128(_mm256_mul_ps(d0, g));
-  const __m128 p1 = _mm256_castps256_ps128(_mm256_mul_ps(d1, g));
-  const __m128 p2 = _mm256_castps256_ps128(_mm256_mul_ps(d2, g));
+  const __m128 p0 = _mm256_castps256_ps128(_mm256_mul_ps(d[0], g));
+  const __m128 p1 = _mm256_castps256_ps128(_mm256_mul_ps(d[1], g));
+  const __m128 p2 = _mm256_castps256_ps128(_mm256_mul_ps(d[2], g));
   const __m128 sums = _mm_hadd_ps(_mm_hadd_ps(p0, p1), _mm_hadd_ps(p2, _mm_setzero_ps()));
   alignas(16) float out[4];
   _mm_store_ps(out, sums);
@@ -970,12 +970,6 @@ inline __m256 Load3(const float* gv) {
 }
 #endif
 
-// The point voxel x (flat index into a (D, H, W) grid) maps to: its index plus ux = u[x].
-inline std::array<float, 3> Displaced(int64_t x, int64_t nh, int64_t nw, const float* ux) {
-  return {static_cast<float>(x / (nw * nh)) + ux[0], static_cast<float>((x / nw) % nh) + ux[1],
-          static_cast<float>(x % nw) + ux[2]};
-}
-
 ffi::Error ComposeSelf(ffi::Buffer<ffi::F32> field, ffi::ResultBuffer<ffi::F32> out) {
   auto dm = field.dimensions();
   if (dm.size() != 5 || dm[4] != 3)
@@ -985,19 +979,17 @@ ffi::Error ComposeSelf(ffi::Buffer<ffi::F32> field, ffi::ResultBuffer<ffi::F32> 
   float* o = out->typed_data();
   ForEachRow(s, [&](int64_t b, int64_t x0) {
     const float* base = u + b * s.out * 3;
-    const float d = static_cast<float>(x0 / (s.wi * s.hi));
-    const float h = static_cast<float>((x0 / s.wi) % s.hi);
+    const Position at(s, true, x0);  // voxel x samples its own index plus u[x]
     for (int64_t x = x0; x < x0 + s.ow; ++x) {
       const float* ux = base + x * 3;
       float* ov = o + (b * s.out + x) * 3;
+      const std::array<float, 3> p = at.At(ux, x - x0);
       Interior in;
-      if (Inside(s, d + ux[0], h + ux[1], static_cast<float>(x - x0) + ux[2], &in)) {
+      if (Inside(s, p[0], p[1], p[2], &in)) {
 #ifdef VMJAX_AVX2
         if (Fits3(in, s.out * 3)) {
-          Rows3 r;
-          LoadRows3(base + in.offset, in, &r);
           alignas(32) float value[8];
-          _mm256_store_ps(value, Lerp3x3(r, in));
+          _mm256_store_ps(value, Lerp3x3(LoadRows3(base + in.offset, in), in));
           for (int k = 0; k < 3; ++k) ov[k] = ux[k] + value[k];
           continue;
         }
@@ -1006,7 +998,7 @@ ffi::Error ComposeSelf(ffi::Buffer<ffi::F32> field, ffi::ResultBuffer<ffi::F32> 
         continue;
       }
       float acc[3] = {ux[0], ux[1], ux[2]};
-      ForEachCorner(s, MakeAxes(s, Displaced(x, s.hi, s.wi, ux).data(), true),
+      ForEachCorner(s, MakeAxes(s, p.data(), true),
                     [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
         const float wt = w0 * w1 * w2;
         for (int k = 0; k < 3; ++k) acc[k] += wt * base[offset + k];
@@ -1031,8 +1023,7 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
     const int64_t b = row / rows, x0 = (row - b * rows) * s.ow;
     const float* base = u + b * s.out * 3;
     float* abase = acc + b * s.out * 3;
-    const float d = static_cast<float>(x0 / (s.wi * s.hi));
-    const float h = static_cast<float>((x0 / s.wi) % s.hi);
+    const Position at(s, true, x0);
     // Every third voxel of the row, three times over: neighbours scatter into the same corners,
     // and in turn each add would wait for the previous voxel's store to the same address.
     const int64_t third = (s.ow + 2) / 3;
@@ -1042,15 +1033,13 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
       const float* ux = base + x * 3;
       const float* gv = gp + (b * s.out + x) * 3;
       float t[3] = {0.0f, 0.0f, 0.0f};
+      const std::array<float, 3> p = at.At(ux, x - x0);
       Interior in;
-      const bool inside = Inside(s, d + ux[0], h + ux[1], static_cast<float>(x - x0) + ux[2],
-                                 &in);
+      const bool inside = Inside(s, p[0], p[1], p[2], &in);
 #ifdef VMJAX_AVX2
       if (inside && Fits3(in, s.out * 3)) {
-        Rows3 r;
-        LoadRows3(base + in.offset, in, &r);
         const __m256 g = Load3(gv);
-        Lerp3x3Grad(r, in, g, t);
+        Lerp3x3Grad(LoadRows3(base + in.offset, in), in, g, t);
         Scatter3x3(abase + in.offset, in, g);
       } else
 #endif
@@ -1063,7 +1052,7 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
         for (int c = 0; c < 8; ++c)
           for (int k = 0; k < 3; ++k) a[off[c] + k] += w[c] * gv[k];
       } else {
-        ForEachCorner(s, MakeAxes(s, Displaced(x, s.hi, s.wi, ux).data(), true),
+        ForEachCorner(s, MakeAxes(s, p.data(), true),
                       [&](int64_t offset, float w0, float w1, float w2, float d0, float d1,
                           float d2) {
           const float* v = base + offset;
