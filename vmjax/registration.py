@@ -410,37 +410,29 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
     fields = stages.sync(_fields(model, inverse and not instance.total_steps, variables,
                                  x_moving, x_fixed))
   velocity = fields["velocity"]
+  network_velocity = velocity
   loss_before = None  # the refinement's first step evaluates it where it starts at full size
   steps_taken = [instance.total_steps] * len(pairs)
   if instance.total_steps > 0:
     lr = instance.learning_rate
     if instance.target == "field":
       with stages.stage("refinement"):
-        velocity_before = velocity
         velocity, steps_taken, loss_before = stages.sync(refine_velocity(
             model, loss_cfg, instance.schedule, velocity, x_moving, x_fixed, lr, instance.tol))
         steps_taken = [int(k) for k in steps_taken]
-      if loss_before is None:
-        with stages.stage("loss before/after (for the log)"):
-          loss_before = stages.sync(_pair_field_losses(model, loss_cfg, velocity_before,
-                                                       x_moving, x_fixed))
       fields = _fields_from_velocity(model, inverse, net_grid, velocity)
     else:
-      with stages.stage("loss before/after (for the log)"):
-        loss_before = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving,
-                                                     x_fixed))
       params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
                                  x_moving, x_fixed, lr)
       variables = {**variables, "params": params}
       fields = _fields(model, inverse, variables, x_moving, x_fixed)
       velocity = fields["velocity"]
-    with stages.stage("loss before/after (for the log)"):
-      loss_after = stages.sync(_pair_field_losses(model, loss_cfg, velocity, x_moving,
-                                                  x_fixed))
-  else:
-    with stages.stage("loss before/after (for the log)"):
-      loss_before = loss_after = stages.sync(_pair_field_losses(model, loss_cfg, velocity,
-                                                                x_moving, x_fixed))
+  with stages.stage("loss before/after (for the log)"):
+    if loss_before is None:
+      loss_before = stages.sync(_pair_field_losses(model, loss_cfg, network_velocity, x_moving,
+                                                   x_fixed))
+    loss_after = loss_before if not instance.total_steps else stages.sync(
+        _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed))
 
   full_shape = pairs[0][0].image.shape
 
