@@ -210,20 +210,6 @@ def test_trilinear_of_a_displacement_matches_sampling_at_the_grid_plus_it(mode, 
   assert "vmjax_trilinear" in jax.jit(transforms.warp).lower(image, disp).as_text()
 
 
-def _ncc_xla(fixed, moved, window):
-  """NCC from XLA's box sums and mean alone (no native call), the kernel's reference."""
-  c = fixed.shape[-1]
-  fixed_sums = losses.box_sum_xla(jnp.concatenate([fixed, fixed * fixed], -1), window)
-  sums = losses.box_sum_xla(jnp.concatenate([moved, moved * moved, fixed * moved], -1), window)
-  sum_f, sum_ff = fixed_sums[..., :c], fixed_sums[..., c:]
-  sum_m, sum_mm, sum_fm = (sums[..., i * c:(i + 1) * c] for i in range(3))
-  n = float(window ** 3)
-  cross = sum_fm - sum_f * sum_m / n
-  var_f = jnp.maximum(sum_ff - sum_f * sum_f / n, 0.0)
-  var_m = jnp.maximum(sum_mm - sum_m * sum_m / n, 0.0)
-  return -jnp.mean(cross * cross / (var_f * var_m + 1e-5))
-
-
 @pytest.mark.parametrize("shape,window", [((2, 7, 9, 11, 1), 3), ((1, 12, 10, 8, 2), 9),
                                           ((1, 5, 6, 7, 1), 5), ((1, 3, 4, 5, 1), 9)])
 def test_ncc_matches_the_xla_reference_with_its_gradients(shape, window):
@@ -235,7 +221,7 @@ def test_ncc_matches_the_xla_reference_with_its_gradients(shape, window):
   native, native_grads = jax.jit(jax.value_and_grad(
       lambda f, m: kernels.ncc_loss(f, m, window), argnums=(0, 1)))(fixed, moved)
   reference, reference_grads = jax.value_and_grad(
-      lambda f, m: _ncc_xla(f, m, window), argnums=(0, 1))(fixed, moved)
+      lambda f, m: losses.ncc_loss_xla(f, m, window), argnums=(0, 1))(fixed, moved)
   np.testing.assert_allclose(native, reference, rtol=1e-5)
   for n, r in zip(native_grads, reference_grads):
     np.testing.assert_allclose(n, r, rtol=1e-4, atol=1e-3 * float(jnp.max(jnp.abs(r))))

@@ -86,21 +86,22 @@ def ncc_loss(fixed: jax.Array, moved: jax.Array, window: int = 9) -> jax.Array:
 
 
 def ncc_loss_xla(fixed: jax.Array, moved: jax.Array, window: int = 9) -> jax.Array:
-  """:func:`ncc_loss` in XLA (every platform; the native kernel's reference), float32 inputs."""
+  """:func:`ncc_loss` in XLA alone (every platform; the native kernel's reference), float32
+  inputs."""
   f, m = fixed, moved
   c = f.shape[-1]
   # Two calls: in a gradient with respect to the moved image (and in a loop over a fixed scan)
   # the fixed scan's sums are constants, so XLA prunes their backward pass (and hoists them).
-  fixed_sums = box_sum(jnp.concatenate([f, f * f], axis=-1), window)
+  fixed_sums = box_sum_xla(jnp.concatenate([f, f * f], axis=-1), window)
   sum_f, sum_ff = fixed_sums[..., :c], fixed_sums[..., c:]
-  sums = box_sum(jnp.concatenate([m, m * m, f * m], axis=-1), window)
+  sums = box_sum_xla(jnp.concatenate([m, m * m, f * m], axis=-1), window)
   sum_m, sum_mm, sum_fm = (sums[..., i * c:(i + 1) * c] for i in range(3))
   n = float(window ** 3)
   cross = sum_fm - sum_f * sum_m / n
   var_f = jnp.maximum(sum_ff - sum_f * sum_f / n, 0.0)
   var_m = jnp.maximum(sum_mm - sum_m * sum_m / n, 0.0)
   cc = cross * cross / (var_f * var_m + 1e-5)
-  return -mean(cc)
+  return -jnp.mean(cc)
 
 
 def mse_loss(fixed: jax.Array, moved: jax.Array) -> jax.Array:
