@@ -218,9 +218,10 @@ def save_nifti(img: nib.Nifti1Image, path: str) -> None:
   deflate blocks, streamed as nibabel serialises the image (:class:`_StoredGzip`): float
   displacements hardly compress, and deflating them was the slowest part of writing a
   registration's outputs. A 256x256x160x3 warp of OASIS-TRT-20, 126 MB: Huffman-only 1.12 s;
-  zlib's level 0 on nibabel's bytes 0.60 s (``to_bytes`` 0.14 s, zlib copying the stored blocks
-  0.24 s); streamed 0.12 s (2-core AMD EPYC Zen 4, 2026-12-06; gzip's default level 1 took 2.3x
-  Huffman's time for 1 % less on a Zen 3, 2026-12-01). Any gzip reader (nibabel, ITK, FSL)
+  zlib's level 0 on nibabel's bytes 0.6 s (``to_bytes`` 0.14 s, zlib copying the stored blocks
+  0.24 s); streamed 0.2-0.4 s, most of it the file system's (``vmjax-register``'s three writes
+  side by side 0.93 -> 0.53 s; 2-core AMD EPYC Zen 4, 2026-12-06; gzip's default level 1 took
+  2.3x Huffman's time for 1 % less on a Zen 3, 2026-12-01). Any gzip reader (nibabel, ITK, FSL)
   reads it as usual; a ``.nii`` path is written uncompressed."""
   if not (str(path).endswith(".gz") and len(img.shape) >= 4):
     nib.save(img, path)
