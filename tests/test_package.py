@@ -63,3 +63,16 @@ def test_vmjax_modules_are_imported_at_module_level():
     lazy = [f"{name}.py:{node.lineno} imports {module}"
             for module, node in vmjax_imports(tree, trees) if id(node) not in top_level]
     assert not lazy, lazy
+
+
+def test_the_register_command_does_not_import_orbax():
+  # orbax (0.13 s of start-up) is imported where a checkpoint is read or written: the shipped
+  # model's registration, the common command, reads none. A fresh interpreter: others' imports
+  # in this test process do not count.
+  import subprocess
+  import sys
+  probe = "import sys, experiments.register; print(sorted(m for m in sys.modules if " \
+          "m.startswith('orbax')))"
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                       cwd=PACKAGE.parent)
+  assert out.stdout.strip() == "[]", out.stdout
