@@ -77,7 +77,8 @@ def test_trilinear_coordinate_gradient_matches_finite_differences():
 
 
 @pytest.mark.parametrize("window", [1, 3, 9])
-@pytest.mark.parametrize("shape", [(1, 5, 7, 4, 5), (2, 11, 3, 9, 2)])
+# The last shape's planes (21x25 voxels x 3 channels) span two blocks of the D pass and a part.
+@pytest.mark.parametrize("shape", [(1, 5, 7, 4, 5), (2, 11, 3, 9, 2), (2, 12, 21, 25, 3)])
 def test_box_sum_matches_the_xla_reference_and_a_numpy_loop(window, shape):
   x = jnp.asarray(np.random.default_rng(4).normal(size=shape).astype(np.float32))
   native = jax.jit(lambda x: kernels.box_sum(x, window))(x)
@@ -210,8 +211,11 @@ def test_trilinear_of_a_displacement_matches_sampling_at_the_grid_plus_it(mode, 
   assert "vmjax_trilinear" in jax.jit(transforms.warp).lower(image, disp).as_text()
 
 
+# The last shapes' planes (their terms: 3 or 6 channels a voxel) span several blocks of the box
+# sum's D pass and a part of one.
 @pytest.mark.parametrize("shape,window", [((2, 7, 9, 11, 1), 3), ((1, 12, 10, 8, 2), 9),
-                                          ((1, 5, 6, 7, 1), 5), ((1, 3, 4, 5, 1), 9)])
+                                          ((1, 5, 6, 7, 1), 5), ((1, 3, 4, 5, 1), 9),
+                                          ((2, 11, 23, 19, 1), 9), ((1, 6, 17, 21, 2), 3)])
 def test_ncc_matches_the_xla_reference_with_its_gradients(shape, window):
   rng = np.random.default_rng(18)
   fixed = rng.normal(size=shape).astype(np.float32)

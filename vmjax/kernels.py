@@ -54,7 +54,6 @@ _TARGETS = {"vmjax_trilinear": "VmjaxTrilinear",
             "vmjax_trilinear_grad_image": "VmjaxTrilinearGradImage",
             "vmjax_box_sum": "VmjaxBoxSum",
             "vmjax_ncc_sums": "VmjaxNccSums",
-            "vmjax_ncc_cc_sum": "VmjaxNccCcSum",
             "vmjax_ncc_grad": "VmjaxNccGrad",
             "vmjax_upsample2": "VmjaxUpsample2",
             "vmjax_upsample2_t": "VmjaxUpsample2T",
@@ -85,14 +84,17 @@ def usable(*arrays) -> bool:
           and available())
 
 
+def _results(target: str, shapes, *args, **attrs) -> list:
+  """The kernel's float32 results, one per shape."""
+  return jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
+                          vmap_method="sequential")(*args, **attrs)
+
+
 def _call(target: str, shape, *args, work=(), **attrs):
   """The kernel's result of ``shape``. ``work``: the shapes of work buffers it also returns,
   dropped here: XLA allocates them with the program's other buffers (reused from one iteration
   of a loop to the next) instead of the kernel at each call."""
-  shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in (shape, *work)]
-  out = jax.ffi.ffi_call(target, shapes if work else shapes[0],
-                         vmap_method="sequential")(*args, **attrs)
-  return out[0] if work else out
+  return _results(target, (shape, *work), *args, **attrs)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -145,10 +147,11 @@ box_sum.defvjp(_box_sum_fwd, _box_sum_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def ncc_loss(fixed: jax.Array, moved: jax.Array, window: int) -> jax.Array:
   """:func:`vmjax.losses.ncc_loss` natively (``(B, D, H, W, C)`` float32, CPU only): the box
-  sums of the moved image's terms built and summed in one call, ``cc`` and its mean in another
-  (XLA:CPU's elementwise passes over these 59 MB maps cost as much as the sums), the gradient
-  in a third. The fixed scan's sums are a call of their own: loop-invariant in a refinement,
-  XLA hoists them. Differentiable in both images (cc is symmetric in them)."""
+  sums of the moved image's terms and the sum of ``cc`` in one call (the terms made and ``cc``
+  summed inside the box sum's passes: XLA:CPU's elementwise passes over these 59 MB maps cost
+  as much as the sums), the gradient in another. The fixed scan's sums are a call of their own:
+  loop-invariant in a refinement, XLA hoists them. Differentiable in both images (cc is
+  symmetric in them)."""
   return _ncc_fwd(fixed, moved, window)[0]
 
 
@@ -156,8 +159,8 @@ def _ncc_fwd(fixed, moved, window):
   c = fixed.shape[-1]
   fixed_sums = box_sum(jnp.concatenate([fixed, fixed * fixed], axis=-1), window)
   three = fixed.shape[:-1] + (3 * c,)
-  sums = _call("vmjax_ncc_sums", three, fixed, moved, work=(three,), window=int(window))
-  total = _call("vmjax_ncc_cc_sum", (), fixed_sums, sums, window=int(window))
+  sums, total = _results("vmjax_ncc_sums", (three, ()), fixed, moved, fixed_sums,
+                         window=int(window))
   return -total / fixed.size, (fixed, moved, fixed_sums, sums)
 
 
@@ -166,7 +169,7 @@ def _ncc_bwd(window, residuals, g):
   g = jnp.reshape(g, (1,)).astype(jnp.float32)
   # Two calls: XLA drops the fixed scan's gradient where nothing asks for it.
   grads = [_call("vmjax_ncc_grad", fixed.shape, fixed, moved, fixed_sums, sums, g,
-                 work=(sums.shape, sums.shape), window=int(window), wrt_fixed=wrt)
+                 work=(sums.shape,), window=int(window), wrt_fixed=wrt)
            for wrt in (1, 0)]
   return tuple(grads)
 

@@ -16,14 +16,14 @@
 //     given thread count; ScatterInParallel)
 //   VmjaxBoxSum(x (B, D, H, W, C)) -> y: the sum over a window^3 cube around each voxel, zero
 //     padded (attr window, odd). Separable: running sums along D, then windowed sums along H
-//     and W per (b, d) slab.
-//   VmjaxNccSums(f, m (B, D, H, W, C)) -> the box sums of m, m², f m (B, D, H, W, 3C) and a
-//     work buffer of that shape (the terms; the caller drops it: XLA allocates it with the
-//     program's buffers, reused across a loop's steps, instead of the kernel at each call);
-//   VmjaxNccCcSum(box sums of f, f² (.., 2C), those (.., 3C)) -> the sum of local NCC's cc;
+//     and W per (b, d) slab (BoxSumOf, which NCC's kernels share).
+//   VmjaxNccSums(f, m (B, D, H, W, C), the box sums of f, f² (.., 2C)) -> the box sums of m,
+//     m², f m (B, D, H, W, 3C) and the sum of local NCC's cc (); the terms are made and cc
+//     summed inside the box sum's passes, never stored;
 //   VmjaxNccGrad(f, m, the two sums, g (1,)) -> the gradient of g * -mean(cc) with respect to
-//     m (attr wrt_fixed 0) or f (1), and two (.., 3C) work buffers. vmjax/losses.py ncc_loss in
-//     three calls.
+//     m (attr wrt_fixed 0) or f (1), and a (.., 3C) work buffer (the caller drops it: XLA
+//     allocates it with the program's buffers, reused across a loop's steps, instead of the
+//     kernel at each call). vmjax/losses.py ncc_loss in two calls.
 //   VmjaxUpsample2(x (B, D, H, W, C)) -> y (B, 2D, 2H, 2W, C): linear resampling to twice the
 //     size, jax.image.resize(method="linear")'s values (half-pixel centres: output 2i samples
 //     i - 1/4, output 2i + 1 samples i + 1/4; the edge voxels extended), and a (B, D, 2H, 2W, C)
@@ -545,35 +545,6 @@ ffi::Error TrilinearGradImage(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
-// Running sums of a window along an axis, in double: in and out are n rows `stride` floats
-// apart, `len` floats each; out row j = the sum of in rows j - half .. j + half inside [0, n).
-// Reads each input row twice (in and out of the window) instead of `window` times; acc: `len`
-// doubles of scratch.
-inline void RunningRows(const float* in, float* out, int64_t n, int64_t stride, int64_t len,
-                        int64_t half, double* acc) {
-  std::fill(acc, acc + len, 0.0);
-  for (int64_t k = 0; k <= std::min(half, n - 1); ++k) {
-    const float* __restrict__ r = in + k * stride;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) acc[i] += r[i];
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    float* __restrict__ o = out + j * stride;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) o[i] = static_cast<float>(acc[i]);
-    if (j + half + 1 < n) {
-      const float* __restrict__ r = in + (j + half + 1) * stride;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) acc[i] += r[i];
-    }
-    if (j - half >= 0) {
-      const float* __restrict__ r = in + (j - half) * stride;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) acc[i] -= r[i];
-    }
-  }
-}
-
 // out_row[i] = sum over k in [-half, half] of rows[(j + k) * stride + i], rows j + k inside
 // [0, n), for i in [0, len).
 inline void WindowSum(const float* rows, float* out_row, int64_t j, int64_t n, int64_t stride,
@@ -587,23 +558,59 @@ inline void WindowSum(const float* rows, float* out_row, int64_t j, int64_t n, i
   }
 }
 
-// Plane blocks of the D pass: both threads share every plane; a block's running sums fit L1.
+// Floats per block of a plane in the D pass: a block's running sums and its window of input
+// rows stay in L1/L2.
 constexpr int64_t kSumBlock = 1024;
 
-// The box sum of x (nb, nd, nh, nw, nc) into y: along D as running sums over blocks of the
-// planes (memory-bound: 3 streams, not `window` + 1), then along H and W per (b, d) slab,
-// which stays in cache, as windowed sums (vectorised).
-void BoxSumLoop(const float* xp, float* yp, int64_t nb, int64_t nd, int64_t nh, int64_t nw,
-                int64_t nc, int64_t window) {
-  const int64_t half = window / 2, row = nw * nc, plane = nh * row;
+// The box sum (window^3, zero padded) of nc-channel terms that are made as they are needed,
+// into y (nb, nd, nh, nw, nc); then epilogue(b, j, slab) on each finished (b, j) slab of y while
+// it is in cache. source(b, j, v0, v1, out) writes the terms of voxels [v0, v1) of plane j of
+// item b (a voxel's nc floats together). Along D as running sums (f64) over blocks of the
+// planes, each term row made once and kept in a ring of `window` rows until it leaves the
+// window; then along H and W per (b, d) slab as windowed sums (vectorised). NCC's terms and
+// their use never pass through memory: the D pass reads the images (or sums) the terms come
+// from, and the epilogue the slab just summed.
+template <typename Source, typename Epilogue>
+void BoxSumOf(const Source& source, const Epilogue& epilogue, float* yp, int64_t nb, int64_t nd,
+              int64_t nh, int64_t nw, int64_t nc, int64_t window) {
+  const int64_t half = window / 2, row = nw * nc, plane = nh * row, voxels = nh * nw;
+  const int64_t block = std::max<int64_t>(1, kSumBlock / nc);  // voxels per block
+  const int64_t blocks = (voxels + block - 1) / block;
 #pragma omp parallel
   {
-    std::vector<double> acc(kSumBlock);
+    std::vector<double> acc(block * nc);
+    std::vector<float> ring(window * block * nc);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
-      for (int64_t c = 0; c < plane; c += kSumBlock)
-        RunningRows(xp + b * nd * plane + c, yp + b * nd * plane + c, nd, plane,
-                    std::min(kSumBlock, plane - c), half, acc.data());
+      for (int64_t k = 0; k < blocks; ++k) {
+        const int64_t v0 = k * block, v1 = std::min(voxels, v0 + block), len = (v1 - v0) * nc;
+        double* __restrict__ a = acc.data();
+        auto slot = [&](int64_t j) { return ring.data() + (j % window) * len; };
+        std::fill(a, a + len, 0.0);
+        for (int64_t j = 0; j <= std::min(half, nd - 1); ++j) {
+          float* __restrict__ r = slot(j);
+          source(b, j, v0, v1, r);
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) a[i] += r[i];
+        }
+        float* out = yp + b * nd * plane + v0 * nc;
+        for (int64_t j = 0; j < nd; ++j) {
+          float* __restrict__ o = out + j * plane;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) o[i] = static_cast<float>(a[i]);
+          if (j - half >= 0) {  // leaves the window; its slot takes the row that enters
+            const float* __restrict__ r = slot(j - half);
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) a[i] -= r[i];
+          }
+          if (j + half + 1 < nd) {
+            float* __restrict__ r = slot(j + half + 1);
+            source(b, j + half + 1, v0, v1, r);
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) a[i] += r[i];
+          }
+        }
+      }
     std::vector<float> buf(plane);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < nb; ++b)
@@ -624,6 +631,7 @@ void BoxSumLoop(const float* xp, float* yp, int64_t nb, int64_t nd, int64_t nh, 
             for (int64_t i = lo; i < hi; ++i) dst[i] += src[i];
           }
         }
+        epilogue(b, j, slab);
       }
   }
 }
@@ -633,7 +641,14 @@ ffi::Error BoxSum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_
   if (d.size() != 5 || window < 1 || window % 2 == 0)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "vmjax box sum: x (B, D, H, W, C) and an odd window");
-  BoxSumLoop(x.typed_data(), y->typed_data(), d[0], d[1], d[2], d[3], d[4], window);
+  const float* xp = x.typed_data();
+  const int64_t nd = d[1], nc = d[4], plane = d[2] * d[3] * nc;
+  BoxSumOf([&](int64_t b, int64_t j, int64_t v0, int64_t v1, float* out) {
+             const float* in = xp + (b * nd + j) * plane + v0 * nc;
+             std::copy(in, in + (v1 - v0) * nc, out);
+           },
+           [](int64_t, int64_t, const float*) {}, y->typed_data(), d[0], nd, d[2], d[3], nc,
+           window);
   return ffi::Error::Success();
 }
 
@@ -647,10 +662,10 @@ struct NccTerms {
   bool vf_pos, vm_pos;  // the variances before clamping were > 0
 };
 
-inline NccTerms Ncc(float sf, float sff, float sm, float smm, float sfm, float n) {
+inline NccTerms Ncc(float sf, float sff, float sm, float smm, float sfm, float inv_n) {
   NccTerms t;
-  t.cross = sfm - sf * sm / n;
-  const float vf = sff - sf * sf / n, vm = smm - sm * sm / n;
+  t.cross = sfm - sf * sm * inv_n;
+  const float vf = sff - sf * sf * inv_n, vm = smm - sm * sm * inv_n;
   t.vf_pos = vf > 0.0f;
   t.vm_pos = vm > 0.0f;
   t.vf = t.vf_pos ? vf : 0.0f;
@@ -660,128 +675,143 @@ inline NccTerms Ncc(float sf, float sff, float sm, float smm, float sfm, float n
 }
 
 struct NccShape {
-  int64_t nb, nd, nh, nw, nc, voxels;  // voxels: nb * nd * nh * nw
+  int64_t nb, nd, nh, nw, nc, voxels, plane;  // voxels: nb * nd * nh * nw; plane: nh * nw
 };
 
 ffi::Error CheckNcc(const ffi::Buffer<ffi::F32>& f, const ffi::Buffer<ffi::F32>& m,
-                    NccShape* s) {
+                    const ffi::Buffer<ffi::F32>& fixed_sums, NccShape* s) {
   auto d = f.dimensions(), e = m.dimensions();
   if (d.size() != 5 || e.size() != 5 || !std::equal(d.begin(), d.end(), e.begin()))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "vmjax ncc: fixed and moved (B, D, H, W, C) of one shape");
-  *s = {d[0], d[1], d[2], d[3], d[4], d[0] * d[1] * d[2] * d[3]};
+  if (fixed_sums.element_count() != 2 * f.element_count())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc: fixed sums (.., 2C)");
+  *s = {d[0], d[1], d[2], d[3], d[4], d[0] * d[1] * d[2] * d[3], d[2] * d[3]};
   return ffi::Error::Success();
 }
 
-// s = the box sums of (m, m², f m), channel blocks of C: the terms built in one pass, summed.
+// NccSums' and NccGrad's loops, NC the channel count where it is known when compiling (1: a
+// scan; the loops over voxels then vectorise) or 0 (s.nc at run time).
+template <int64_t NC>
+void NccSumsLoop(const float* fp, const float* mp, const float* fs, float* sums, double* total,
+                 const NccShape& s, int64_t window) {
+  const int64_t nc = NC ? NC : s.nc;
+  const float inv_n = 1.0f / static_cast<float>(window * window * window);
+  std::vector<double> partial(std::max(1, omp_get_max_threads()), 0.0);
+  BoxSumOf(
+      [&](int64_t b, int64_t j, int64_t v0, int64_t v1, float* __restrict__ out) {
+        const int64_t first = (b * s.nd + j) * s.plane;
+        const float* __restrict__ fv = fp + (first + v0) * nc;
+        const float* __restrict__ mv = mp + (first + v0) * nc;
+#pragma omp simd
+        for (int64_t v = 0; v < v1 - v0; ++v)
+          for (int64_t c = 0; c < nc; ++c) {
+            const float x = mv[v * nc + c];
+            out[v * 3 * nc + c] = x;
+            out[v * 3 * nc + nc + c] = x * x;
+            out[v * 3 * nc + 2 * nc + c] = fv[v * nc + c] * x;
+          }
+      },
+      [&](int64_t b, int64_t j, const float* __restrict__ slab) {
+        const float* __restrict__ a = fs + (b * s.nd + j) * s.plane * 2 * nc;
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t v = 0; v < s.plane; ++v)
+          for (int64_t c = 0; c < nc; ++c) {
+            const float* t = slab + v * 3 * nc + c;
+            const float* q = a + v * 2 * nc + c;
+            const NccTerms k = Ncc(q[0], q[nc], t[0], t[nc], t[2 * nc], inv_n);
+            acc += k.cross * k.cross / k.den;
+          }
+        partial[omp_get_thread_num()] += acc;
+      },
+      sums, s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
+  *total = 0.0;
+  for (double p : partial) *total += p;
+}
+
+// The box sums s of (m, m², f m) (channel blocks of C; each voxel's terms made in the D pass)
+// and, slab by slab as they are finished, the sum of cc over every voxel and channel (f64,
+// per-thread partial sums added in a fixed order: deterministic for a given thread count).
 ffi::Error NccSums(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
-                   ffi::ResultBuffer<ffi::F32> sums, ffi::ResultBuffer<ffi::F32> work,
-                   int64_t window) {
+                   ffi::Buffer<ffi::F32> fixed_sums, ffi::ResultBuffer<ffi::F32> sums,
+                   ffi::ResultBuffer<ffi::F32> total, int64_t window) {
   NccShape s;
-  if (auto e = CheckNcc(f, m, &s); e.failure()) return e;
-  if (work->element_count() != sums->element_count() ||
-      sums->element_count() != 3 * f.element_count())
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc sums: (.., 3C) results");
-  const int64_t nc = s.nc;
-  const float* fp = f.typed_data();
-  const float* mp = m.typed_data();
-  float* tp = work->typed_data();  // the terms
-#pragma omp parallel for schedule(static)
-  for (int64_t x = 0; x < s.voxels; ++x)
-    for (int64_t c = 0; c < nc; ++c) {
-      const float fv = fp[x * nc + c], mv = mp[x * nc + c];
-      float* t = tp + x * 3 * nc + c;
-      t[0] = mv;
-      t[nc] = mv * mv;
-      t[2 * nc] = fv * mv;
-    }
-  BoxSumLoop(tp, sums->typed_data(), s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
+  if (auto e = CheckNcc(f, m, fixed_sums, &s); e.failure()) return e;
+  if (sums->element_count() != 3 * f.element_count())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc sums: a (.., 3C) result");
+  double sum;
+  (s.nc == 1 ? NccSumsLoop<1> : NccSumsLoop<0>)(f.typed_data(), m.typed_data(),
+                                                fixed_sums.typed_data(), sums->typed_data(),
+                                                &sum, s, window);
+  total->typed_data()[0] = static_cast<float>(sum);
   return ffi::Error::Success();
 }
 
-// The sum of cc over every voxel and channel (f64 accumulation, fixed order per thread count).
-ffi::Error NccCcSum(ffi::Buffer<ffi::F32> fixed_sums, ffi::Buffer<ffi::F32> sums,
-                    ffi::ResultBuffer<ffi::F32> out, int64_t window) {
-  auto d = sums.dimensions();
-  if (d.size() != 5 || d[4] % 3 != 0 || fixed_sums.element_count() * 3 != sums.element_count() * 2)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "vmjax ncc: fixed sums (.., 2C) and moved sums (.., 3C)");
-  const int64_t nc = d[4] / 3, voxels = d[0] * d[1] * d[2] * d[3];
-  const float n = static_cast<float>(window * window * window);
-  const float* fs = fixed_sums.typed_data();
-  const float* sp = sums.typed_data();
-  const int threads = std::max(1, omp_get_max_threads());
-  std::vector<double> partial(threads, 0.0);
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num();
-    int64_t begin, end;
-    ThreadRange(voxels, t, threads, &begin, &end);
-    double acc = 0.0;
-    for (int64_t x = begin; x < end; ++x)
-      for (int64_t c = 0; c < nc; ++c) {
-        const float* a = fs + x * 2 * nc + c;
-        const float* b = sp + x * 3 * nc + c;
-        const NccTerms k = Ncc(a[0], a[nc], b[0], b[nc], b[2 * nc], n);
-        acc += k.cross * k.cross / k.den;
-      }
-    partial[t] = acc;
-  }
-  double total = 0.0;
-  for (double p : partial) total += p;
-  out->typed_data()[0] = static_cast<float>(total);
-  return ffi::Error::Success();
+template <int64_t NC>
+void NccGradLoop(const float* xp, const float* yp, const float* fs, const float* sp, float* out,
+                 float* boxed, bool swap, float scale, const NccShape& s, int64_t window) {
+  const int64_t nc = NC ? NC : s.nc;
+  const float inv_n = 1.0f / static_cast<float>(window * window * window);
+  BoxSumOf(
+      [&](int64_t b, int64_t j, int64_t v0, int64_t v1, float* __restrict__ cot) {
+        const int64_t first = (b * s.nd + j) * s.plane + v0;
+        const float* __restrict__ a0 = fs + first * 2 * nc;
+        const float* __restrict__ q0 = sp + first * 3 * nc;
+#pragma omp simd
+        for (int64_t v = 0; v < v1 - v0; ++v)
+          for (int64_t c = 0; c < nc; ++c) {
+            const float* a = a0 + v * 2 * nc + c;
+            const float* q = q0 + v * 3 * nc + c;
+            const NccTerms k = Ncc(a[0], a[nc], q[0], q[nc], q[2 * nc], inv_n);
+            // The differentiated image's sum Σx, its variance, the other's variance.
+            const float sx = swap ? a[0] : q[0];
+            const float vy = swap ? k.vm : k.vf;
+            const bool vx_pos = swap ? k.vf_pos : k.vm_pos;
+            const float d_cross = scale * 2.0f * k.cross / k.den;
+            const float d_vx = vx_pos ? -scale * k.cross * k.cross * vy / (k.den * k.den) : 0.0f;
+            const float sy = swap ? q[0] : a[0];
+            float* t = cot + v * 3 * nc + c;
+            t[0] = (-d_cross * sy - 2.0f * d_vx * sx) * inv_n;  // d/dΣx
+            t[nc] = d_vx;                                        // d/dΣx²
+            t[2 * nc] = d_cross;                                 // d/dΣxy
+          }
+      },
+      [&](int64_t b, int64_t j, const float* __restrict__ slab) {
+        const int64_t first = (b * s.nd + j) * s.plane * nc;
+        float* __restrict__ o = out + first;
+        const float* __restrict__ x = xp + first;
+        const float* __restrict__ y = yp + first;
+#pragma omp simd
+        for (int64_t v = 0; v < s.plane; ++v)
+          for (int64_t c = 0; c < nc; ++c) {
+            const float* t = slab + v * 3 * nc + c;
+            o[v * nc + c] = t[0] + 2.0f * x[v * nc + c] * t[nc] + y[v * nc + c] * t[2 * nc];
+          }
+      },
+      boxed, s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
 }
 
 // The gradient of g * -mean(cc) with respect to m (attr wrt_fixed 0) or f (1; cc is symmetric
-// in the two, so the roles swap): the cotangents of the three box sums per voxel, their box
-// sums (the box filter is symmetric), and the chain rule through m, m², f m.
+// in the two, so the roles swap): the cotangents of the three box sums per voxel (made in the
+// D pass), their box sums (the box filter is symmetric) into the work buffer `boxed`, and, per
+// finished slab, the chain rule through m, m², f m.
 ffi::Error NccGrad(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m,
                    ffi::Buffer<ffi::F32> fixed_sums, ffi::Buffer<ffi::F32> sums,
                    ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> grad,
-                   ffi::ResultBuffer<ffi::F32> cot, ffi::ResultBuffer<ffi::F32> boxed,
-                   int64_t window, int64_t wrt_fixed) {
+                   ffi::ResultBuffer<ffi::F32> boxed, int64_t window, int64_t wrt_fixed) {
   NccShape s;
-  if (auto e = CheckNcc(f, m, &s); e.failure()) return e;
-  if (cot->element_count() != 3 * f.element_count() ||
+  if (auto e = CheckNcc(f, m, fixed_sums, &s); e.failure()) return e;
+  if (sums.element_count() != 3 * f.element_count() ||
       boxed->element_count() != 3 * f.element_count())
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc grad: (.., 3C) work results");
-  const int64_t nc = s.nc;
-  const float n = static_cast<float>(window * window * window);
-  const float scale = -g.typed_data()[0] / static_cast<float>(s.voxels * nc);
-  const float* fs = fixed_sums.typed_data();
-  const float* sp = sums.typed_data();
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax ncc grad: (.., 3C) sums and work");
+  const float scale = -g.typed_data()[0] / static_cast<float>(s.voxels * s.nc);
   const bool swap = wrt_fixed != 0;
   const float* xp = swap ? f.typed_data() : m.typed_data();  // the image differentiated
   const float* yp = swap ? m.typed_data() : f.typed_data();  // the other
-  float* cp = cot->typed_data();
-#pragma omp parallel for schedule(static)
-  for (int64_t x = 0; x < s.voxels; ++x)
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* a = fs + x * 2 * nc + c;
-      const float* b = sp + x * 3 * nc + c;
-      const NccTerms k = Ncc(a[0], a[nc], b[0], b[nc], b[2 * nc], n);
-      // The differentiated image's sum Σx, its variance, the other's variance.
-      const float sx = swap ? a[0] : b[0];
-      const float vy = swap ? k.vm : k.vf;
-      const bool vx_pos = swap ? k.vf_pos : k.vm_pos;
-      const float d_cross = scale * 2.0f * k.cross / k.den;
-      const float d_vx = vx_pos ? -scale * k.cross * k.cross * vy / (k.den * k.den) : 0.0f;
-      const float sy = swap ? b[0] : a[0];
-      float* t = cp + x * 3 * nc + c;
-      t[0] = -d_cross * sy / n - 2.0f * d_vx * sx / n;  // d/dΣx
-      t[nc] = d_vx;                                      // d/dΣx²
-      t[2 * nc] = d_cross;                               // d/dΣxy
-    }
-  BoxSumLoop(cp, boxed->typed_data(), s.nb, s.nd, s.nh, s.nw, 3 * nc, window);
-  const float* bp = boxed->typed_data();
-  float* out = grad->typed_data();
-#pragma omp parallel for schedule(static)
-  for (int64_t x = 0; x < s.voxels; ++x)
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* t = bp + x * 3 * nc + c;
-      out[x * nc + c] = t[0] + 2.0f * xp[x * nc + c] * t[nc] + yp[x * nc + c] * t[2 * nc];
-    }
+  (s.nc == 1 ? NccGradLoop<1> : NccGradLoop<0>)(xp, yp, fixed_sums.typed_data(),
+                                                sums.typed_data(), grad->typed_data(),
+                                                boxed->typed_data(), swap, scale, s, window);
   return ffi::Error::Success();
 }
 
@@ -1126,13 +1156,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccSums, NccSums,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccCcSum, NccCcSum,
-                              ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccGrad, NccGrad,
@@ -1142,7 +1167,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxNccGrad, NccGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window")
