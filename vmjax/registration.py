@@ -74,9 +74,13 @@ def _pair_loss(model: VxmDense, loss_cfg, params, moving: jax.Array, fixed: jax.
   return losses.compute_loss(params, model, {"moving": moving, "fixed": fixed}, loss_cfg)[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _fields(model: VxmDense, bidir: bool, variables, moving: jax.Array, fixed: jax.Array):
-  return model.apply(variables, moving, fixed, bidir=bidir, method=type(model).fields)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fields(model: VxmDense, bidir: bool, velocity_only: bool, variables, moving: jax.Array,
+            fixed: jax.Array):
+  """The network's fields; ``velocity_only``: its velocity alone (a refinement starts from it:
+  XLA then drops the integration and resizing of a field that would be thrown away)."""
+  fields = model.apply(variables, moving, fixed, bidir=bidir, method=type(model).fields)
+  return {"velocity": fields["velocity"]} if velocity_only else fields
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -407,8 +411,9 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
   net_grid = x_moving.shape[1:4]
   # The inverse of the network's own field only when nothing refines it afterwards.
   with stages.stage("network"):
-    fields = stages.sync(_fields(model, inverse and not instance.total_steps, variables,
-                                 x_moving, x_fixed))
+    fields = stages.sync(_fields(model, inverse and not instance.total_steps,
+                                 instance.total_steps > 0 and instance.target == "field",
+                                 variables, x_moving, x_fixed))
   velocity = fields["velocity"]
   network_velocity = velocity
   loss_before = None  # the refinement's first step evaluates it where it starts at full size
@@ -425,7 +430,7 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
       params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
                                  x_moving, x_fixed, lr)
       variables = {**variables, "params": params}
-      fields = _fields(model, inverse, variables, x_moving, x_fixed)
+      fields = _fields(model, inverse, False, variables, x_moving, x_fixed)
       velocity = fields["velocity"]
   with stages.stage("loss before/after (for the log)"):
     if loss_before is None:
