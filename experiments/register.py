@@ -6,9 +6,8 @@ r"""Registers a moving scan to a fixed scan: the shipped pretrained model unless
 
 Inputs: .nii / .nii.gz / .mgz / .npz, each on its own grid (any orientation, spacing, size).
 With ``--affine=affine`` (the default) both scans are aligned to the model's template (rigid,
-then affine; the fixed scan's alignment is remembered for the next command that meets it,
-docs/registration.md), registered there, and every output is on the fixed scan's grid with its
-header: ``--moved``, ``--moved_seg`` (nearest neighbour), ``--warp`` ((D, H, W, 3) float32: the moving
+then affine), registered there, and every output is on the fixed scan's grid with its header:
+``--moved``, ``--moved_seg`` (nearest neighbour), ``--warp`` ((D, H, W, 3) float32: the moving
 voxel each fixed voxel samples, minus its own index: moved(x) = moving(x + warp(x))) and
 ``--warp_ants`` (the same map as an ITK/ANTs displacement field: 5-D, vector intent, LPS mm,
 for ``antsApplyTransforms -t``; ``--warp_ants_inverse``: its inverse on the moving grid, for

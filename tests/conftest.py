@@ -12,9 +12,6 @@ import pathlib
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# No test reads or writes the user's alignment cache (test_caches turns it on in a folder of its
-# own), so a command's result never depends on which tests ran before it.
-os.environ["VMJAX_ALIGNMENT_CACHE"] = "0"
 
 import sys  # noqa: E402
 

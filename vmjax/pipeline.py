@@ -17,13 +17,11 @@ import concurrent.futures
 import dataclasses
 import functools
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vmjax import affine as affine_lib
-from vmjax import caches
 from vmjax import metrics
 from vmjax import registration
 from vmjax import stages
@@ -44,21 +42,9 @@ class Alignment:
 def align_to_space(volume: Volume, space: ModelSpace) -> Alignment:
   """The affine step of :func:`register_native_volumes` for one scan; a fixed scan (an atlas)
   that many moving scans meet is aligned once and handed to :func:`register_native_volumes` as
-  ``fixed_alignment``. Its matrix is remembered across commands (:mod:`vmjax.caches`)."""
-  entry = caches.alignment_entry(volume, space.template)
-  world = _remembered(volume, entry)
-  if world is None:
-    world = affine_lib.affine_register(volume, space.template)
-    caches.write_alignment(entry, world, volume)
+  ``fixed_alignment``."""
+  world = affine_lib.affine_register(volume, space.template)
   return Alignment(world, affine_lib.resample_volume(volume, world, space.affine, space.shape))
-
-
-def _remembered(volume: Volume, entry: str | None) -> np.ndarray | None:
-  """A scan's alignment from the cache, said in the log; None if it is not there."""
-  world = caches.read_alignment(entry)
-  if world is not None:
-    logging.info("%s: its alignment to the template from %s", volume.path, entry)
-  return world
 
 
 def same_grid(a: Volume, b: Volume) -> bool:
@@ -179,25 +165,16 @@ def register_native_volume_batch(model, variables, config, pairs, space: ModelSp
 
 def _affine_steps(moving: Volume, fixed: Volume, space: ModelSpace,
                   fixed_alignment: Alignment | None) -> tuple[np.ndarray, np.ndarray]:
-  """``(A_m, A_f)``: both scans aligned to the model's template. The fixed scan's alignment is
-  given, or remembered from an earlier command (:mod:`vmjax.caches`), or computed beside the
-  moving scan's: XLA:CPU keeps 2 cores only partly busy with one alignment's small volumes, and
-  one thread's tracing overlaps the other's steps (2-core AMD EPYC Zen 4: 2.7 -> 2.3 s warm)."""
+  """``(A_m, A_f)``: both scans aligned to the model's template (the fixed one's given), side
+  by side: XLA:CPU keeps 2 cores only partly busy with one alignment's small volumes, and one
+  thread's tracing overlaps the other's steps (2-core AMD EPYC Zen 4: 2.7 -> 2.3 s warm)."""
   if fixed_alignment is not None:
-    a_fixed = fixed_alignment.world
-  else:
-    entry = caches.alignment_entry(fixed, space.template)
-    a_fixed = _remembered(fixed, entry)
-  if a_fixed is not None:
-    with stages.stage("affine: moving to template (the fixed scan's known)"):
-      return affine_lib.affine_register(moving, space.template), a_fixed
+    with stages.stage("affine: moving to template"):
+      return affine_lib.affine_register(moving, space.template), fixed_alignment.world
   with stages.stage("affine: both scans to template (side by side)"):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      fixed_world = pool.submit(affine_lib.affine_register, fixed, space.template)
-      a_moving = affine_lib.affine_register(moving, space.template)
-      a_fixed = fixed_world.result()
-  caches.write_alignment(entry, a_fixed, fixed)
-  return a_moving, a_fixed
+      a_fixed = pool.submit(affine_lib.affine_register, fixed, space.template)
+      return affine_lib.affine_register(moving, space.template), a_fixed.result()
 
 
 def _on_fixed_grid(moving: Volume, fixed: Volume, space: ModelSpace, a_moving: np.ndarray,

@@ -21,8 +21,6 @@ import time
 
 import jax
 
-from vmjax import caches
-
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
@@ -122,7 +120,7 @@ def sync(tree):
 
 
 def cache_dir() -> str:
-  return caches.folder("jax")
+  return os.path.join(os.environ.get("VMJAX_CACHE", os.path.expanduser("~/.cache/vmjax")), "jax")
 
 
 def enable_compilation_cache(path: str | None = None) -> str:

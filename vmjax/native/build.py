@@ -31,7 +31,6 @@ import jax
 import jax.extend.backend
 from jax import lax
 
-from vmjax import caches
 from vmjax.atomic import atomic_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -145,7 +144,8 @@ def build_library(source: str, link_onednn: bool = True, extra_flags: tuple = ()
   key = cache_key(text, compiler=compiler_version(cxx), flags=tuple(extra_flags),
                   onednn=(libdir, dnnl_version(include)) if link_onednn else None,
                   cpu=cpu_flags())
-  cache = caches.folder("native")
+  cache = os.path.join(os.environ.get("VMJAX_CACHE", os.path.expanduser("~/.cache/vmjax")),
+                       "native")
   os.makedirs(cache, exist_ok=True)
   stem = os.path.splitext(os.path.basename(source))[0]
   library = os.path.join(cache, f"libvmjax_{stem}_{key}.so")
