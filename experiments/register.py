@@ -12,7 +12,7 @@ voxel each fixed voxel samples, minus its own index: moved(x) = moving(x + warp(
 ``--warp_ants`` (the same map as an ITK/ANTs displacement field: 5-D, vector intent, LPS mm,
 for ``antsApplyTransforms -t``; ``--warp_ants_inverse``: its inverse on the moving grid, for
 diffeomorphic models). ``--affine=none`` registers scans already on one grid.
-After the network, up to 50 Adam steps refine its field on this pair, stopped once converged
+After the network, up to 50 NAdam steps refine its field on this pair, stopped once converged
 (``--instance_steps``, ``--instance_tol``; ``--fast``: 10 steps; 0: the network alone, ~0.05
 Dice lower on OASIS-TRT-20; docs/results.md, docs/performance.md).
 Errors (bad input, missing model) are one line on stderr and exit code 1; nothing is written.
