@@ -268,14 +268,19 @@ INSTANCE_LR = {"field": 0.4, "network": 1e-4}
 # The optimiser per target. "field" (2026-12-06, the validation pairs above, lr 0.4, the rule
 # below): Nesterov's momentum (NAdam) converged after 16 steps at Dice 0.6601 (loss -0.4416 on
 # 13->14) where Adam took 21-22 to 0.6606 (-0.4400); after a fixed 10 steps 0.6585 against
-# Adam's 0.6552. "network": Adam, as trained (untested with NAdam).
+# Adam's 0.6552; on the test pairs (native / prepared) converged 0.6860 / 0.6594 (Adam 0.6849 /
+# 0.6597), 10 steps 0.6839 / 0.6577 (Adam 0.6807 / 0.6545). Also tried on the validation pairs:
+# Adam with b2 0.99 (0.6604, 21-22 steps); a cosine-decayed rate over 12-15 steps (0.6475-0.6547);
+# Adam on Gaussian-smoothed gradients (0.6571-0.6590, 25-27 steps); the integration's gradient
+# taken as the identity (0.6341-0.6391: the loss stalls). "network": Adam, as trained (untested
+# with NAdam).
 INSTANCE_OPTIMISER = {"field": "NAdam", "network": "Adam"}
 INSTANCE_LAM = {"field": 0.1, "network": None}  # None: config.loss.lam
 # The commands' refinement (vmjax-register, vmjax-evaluate): up to DEFAULT_STEPS steps, stopped
 # once converged at DEFAULT_TOL: the last 5 steps lowered the loss by less than 5 % of its
-# decrease so far (docs/results.md: 21-22 steps on the validation pairs; on the test pairs Dice
-# 0.0016 / 0.0008 below lr 0.2's 31 steps, native / prepared, a quarter less time per pair).
-# --fast: FAST_STEPS.
+# decrease so far (docs/results.md: with Adam 21-22 steps on the validation pairs, on the test
+# pairs Dice 0.0016 / 0.0008 below lr 0.2's 31 steps, native / prepared, a quarter less time per
+# pair; with NAdam 15-16 steps). --fast: FAST_STEPS.
 DEFAULT_STEPS, DEFAULT_TOL, FAST_STEPS = 50, 0.05, 10
 
 
