@@ -271,10 +271,9 @@ INSTANCE_LR = {"field": 0.4, "network": 1e-4}
 # Adam's 0.6552; on the test pairs (native / prepared) converged 0.6860 / 0.6594 (Adam 0.6849 /
 # 0.6597), 10 steps 0.6839 / 0.6577 (Adam 0.6807 / 0.6545). Also tried on the validation pairs:
 # Adam with b2 0.99 (0.6604, 21-22 steps); Adam with a rate cosine-decayed over 12-15 steps
-# (0.6475-0.6547);
-# Adam on Gaussian-smoothed gradients (0.6571-0.6590, 25-27 steps); the integration's gradient
-# taken as the identity (0.6341-0.6391: the loss stalls). "network": Adam, as trained (untested
-# with NAdam).
+# (0.6475-0.6547); Adam on Gaussian-smoothed gradients (0.6571-0.6590, 25-27 steps); the
+# integration's gradient taken as the identity (0.6341-0.6391: the loss stalls). "network":
+# Adam, as trained (untested with NAdam).
 INSTANCE_OPTIMISER = {"field": "NAdam", "network": "Adam"}
 INSTANCE_LAM = {"field": 0.1, "network": None}  # None: config.loss.lam
 # The commands' refinement (vmjax-register, vmjax-evaluate): up to DEFAULT_STEPS steps, stopped
