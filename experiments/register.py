@@ -466,8 +466,9 @@ def _check_one_pair_flags():
 
 
 def entry_point():
-  """``vmjax-register`` (installed command)."""
-  cli.run_main(main, __name__, __doc__)
+  """``vmjax-register`` (installed command); ends the process once every output is written
+  (:func:`vmjax.cli.exit_now`)."""
+  cli.run_main(main, __name__, __doc__, exit_at_once=True)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,13 @@ def test_cli_writes_outputs_on_the_fixed_grid_with_labels_from_the_input(trained
   result = run_cli(f"--workdir={trained_workdir / 'run'}", f"--moving={moving}",
                    f"--fixed={fixed}", f"--moving_seg={moving_seg}", f"--moved={out}/moved.nii.gz",
                    f"--warp={out}/warp.nii.gz", f"--moved_seg={out}/moved_seg.nii.gz",
-                   "--instance_steps=3", "--affine=none", "--dtype=bfloat16")
+                   "--instance_steps=3", "--affine=none", "--dtype=bfloat16", "--profile")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "after 3 instance steps" in result.stderr
+  # The process ends without the interpreter's teardown: the last log line and the stage table
+  # (stdout) are there all the same.
+  assert "done in" in result.stderr.strip().splitlines()[-1]
+  assert result.stdout.rstrip().splitlines()[-1].startswith("| total |")
   assert "network computes in bfloat16" in result.stderr
   moved_seg = nib.load(str(out / "moved_seg.nii.gz"))
   assert set(np.unique(np.asarray(moved_seg.dataobj))) <= {0, 3, 6, 9}

@@ -101,16 +101,24 @@ def one_line(error: BaseException) -> str:
   return text if isinstance(error, INPUT_ERRORS) else f"{type(error).__name__}: {text}"
 
 
-def run_main(main: Callable, module_name: str, doc: str | None) -> None:
+def run_main(main: Callable, module_name: str, doc: str | None,
+             exit_at_once: bool = False) -> None:
   """``absl.app.run(main)`` for a module that may be an installed command's target rather than
-  ``__main__``: ``--help`` then still shows the module's docstring and flags."""
+  ``__main__``: ``--help`` then still shows the module's docstring and flags.
+
+  ``exit_at_once``: when ``main`` succeeds in a single-process run, the process ends there
+  (:func:`exit_now`) instead of tearing the interpreter down — for a command whose outputs are
+  all written and closed when ``main`` returns (``vmjax-register``)."""
   own = (_PACKAGE, os.path.dirname(os.path.abspath(sys.modules[module_name].__file__)))
 
   def quiet_libraries(argv):
     host_memory.keep_freed_memory()
     if not flags.FLAGS.library_logs:
       logging.get_absl_handler().addFilter(_OwnInfoOnly(own))
-    return main(argv)
+    result = main(argv)
+    if exit_at_once and not result and jax.process_count() == 1:
+      exit_now()
+    return result
 
   main_module = sys.modules["__main__"]
   if not main_module.__doc__:
@@ -118,6 +126,18 @@ def run_main(main: Callable, module_name: str, doc: str | None) -> None:
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(quiet_libraries)
+
+
+def exit_now(code: int = 0) -> None:
+  """Flushes the logs and the standard streams and ends the process with ``code``, skipping the
+  interpreter's teardown: freeing XLA's buffers and backends and every module's objects took
+  0.3-0.5 s after ``vmjax-register``'s last output was written (the process's wall time minus
+  the log's "done in", 2-core AMD EPYC Zen 4, 2026-12-06). Only for the end of a command: no
+  ``atexit`` handler or ``finally`` block runs."""
+  std_logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 class _OwnInfoOnly(std_logging.Filter):
