@@ -250,9 +250,10 @@ def test_instance_optimisation_recovers_a_known_deformation(target, lr, coarse, 
   np.testing.assert_allclose(out["loss_before"], network["loss_after"], rtol=1e-5)
 
 
-def _numpy_adam_until(x, target, steps, lr, tol, window):
+def _numpy_adam_until(x, target, steps, lr, tol, window, nesterov=False):
   """Adam (optax's defaults: b1 0.9, b2 0.999, eps 1e-8) on sum((x - target)^4) and the
-  convergence rule, written out in numpy: (x, steps taken)."""
+  convergence rule, written out in numpy: (x, steps taken). ``nesterov``: NAdam (Dozat 2016),
+  the momentum's bias-corrected look-ahead plus the current gradient's share."""
   m = np.zeros_like(x)
   v = np.zeros_like(x)
   history = []
@@ -262,24 +263,29 @@ def _numpy_adam_until(x, target, steps, lr, tol, window):
     history.append(value)
     m = 0.9 * m + 0.1 * grad
     v = 0.999 * v + 0.001 * grad ** 2
-    x = x - lr * (m / (1 - 0.9 ** (k + 1))) / (np.sqrt(v / (1 - 0.999 ** (k + 1))) + 1e-8)
+    t = k + 1
+    m_hat = (0.9 * m / (1 - 0.9 ** (t + 1)) + 0.1 * grad / (1 - 0.9 ** t) if nesterov
+             else m / (1 - 0.9 ** t))
+    x = x - lr * m_hat / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
     if tol and k >= window and history[k - window] - value < tol * (history[0] - value):
       return x, k + 1
   return x, steps
 
 
+@pytest.mark.parametrize("optimiser", ["Adam", "NAdam"])
 @pytest.mark.parametrize("tol", [0.0, 0.05, 0.2])
-def test_the_convergence_rule_stops_where_a_numpy_adam_does(tol):
+def test_the_convergence_rule_stops_where_a_numpy_adam_does(tol, optimiser):
   """_adam with a tolerance stops at the step the rule, written out in numpy, names (the last
   CONVERGENCE_WINDOW steps gained less than tol of the decrease so far), with the same iterate;
-  without one it takes every step."""
+  without one it takes every step. Adam and NAdam (the field's refinement) alike."""
   target = np.linspace(-1.0, 2.0, 7)
   x0 = np.zeros(7)
   window = registration.CONVERGENCE_WINDOW
   loss = lambda x: jnp.sum((x - jnp.asarray(target, jnp.float32)) ** 4)
-  x, taken, start = jax.jit(lambda x: registration._adam(loss, 200, x, 0.05, tol))(
+  x, taken, start = jax.jit(lambda x: registration._adam(loss, 200, x, 0.05, tol, optimiser))(
       jnp.asarray(x0, jnp.float32))
-  expected, expected_taken = _numpy_adam_until(x0, target, 200, 0.05, tol, window)
+  expected, expected_taken = _numpy_adam_until(x0, target, 200, 0.05, tol, window,
+                                               nesterov=optimiser == "NAdam")
   assert int(taken) == expected_taken
   # With the rule, the loss at the start comes back from the first step (none without).
   if tol:

@@ -32,7 +32,8 @@ def define_instance_flags(module_name: str, default_steps: int, default_tol: flo
   with :func:`instance_from_flags`."""
   flags.DEFINE_integer("instance_steps", default_steps,
                        "Instance optimisation: steps on this pair's training loss after the "
-                       "network (NAdam on its field, Adam on its parameters; 0: none).", lower_bound=0, module_name=module_name)
+                       "network (NAdam on its field, Adam on its parameters; 0: none).",
+                       lower_bound=0, module_name=module_name)
   flags.DEFINE_float("instance_lr", None, "Its learning rate (default: registration.INSTANCE_LR: "
                      f"{registration.INSTANCE_LR}).", module_name=module_name)
   flags.DEFINE_float("instance_lam", None, "Its smoothness weight (default: "
