@@ -4,14 +4,14 @@ XLA:CPU runs 3x3x3 convolutions at ~30 GFLOP/s on AVX-512/AMX cores where oneDNN
 uses) reaches ~300 (measured: docs/performance.md). ``conv_general_dilated`` below has
 ``lax.conv_general_dilated``'s signature (flax's ``nn.Conv(conv_general_dilated=...)`` takes it)
 and, inside one jitted function, lowers to a oneDNN custom call on CPU and to XLA's convolution
-on every other platform (:func:`vmjax.native.build.dispatch`). Same math (direct convolution); gradients
-go through oneDNN's backward-data / backward-weights kernels via ``jax.custom_vjp``. float32 and
-bfloat16 (inputs, kernel and output of one type; oneDNN accumulates in f32): bf16 runs oneDNN's
-AMX / AVX512-BF16 kernels where the CPU has those instructions (``native.build.bf16_isa``);
-elsewhere a bf16 convolution is computed by the f32 kernel and rounded to bf16 (said once in
-the log). Also here: bf16 inputs to an f32 output (``preferred_element_type``) and the native
-pass of the U-Net's coarse-grid decoder step (:func:`subpixel_epilogue`, used by
-:mod:`vmjax.blocks`).
+on every other platform (:func:`vmjax.native.build.dispatch`). Same math (direct convolution);
+gradients go through oneDNN's backward-data / backward-weights kernels via ``jax.custom_vjp``.
+float32 and bfloat16 (inputs, kernel and output of one type; oneDNN accumulates in f32): bf16
+runs oneDNN's AMX / AVX512-BF16 kernels where the CPU has those instructions
+(``native.build.bf16_isa``); elsewhere a bf16 convolution is computed by the f32 kernel and
+rounded to bf16 (said once in the log). Also here: bf16 inputs to an f32 output
+(``preferred_element_type``) and the native pass of the U-Net's coarse-grid decoder step
+(:func:`subpixel_epilogue`, used by :mod:`vmjax.blocks`).
 
 The kernel (``vmjax/native/onednn_conv.cc``) is built on first use by :mod:`vmjax.native.build`
 (only when a convolution is traced for the CPU backend: never on a GPU/TPU host's default

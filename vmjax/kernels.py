@@ -27,6 +27,9 @@ loop over contiguous memory (float32, channels-last). Measured jitted, median of
   kernels together, ~0.30 s (integration and its gradient 0.11, NCC 0.09, warp 0.07, x2
   upsampling 0.02); with :mod:`vmjax.host_memory` (the commands' setting) its 59 MB buffers are
   reused instead of faulted in afresh.
+- The same kind of machine, the day's third session: NCC's terms made and used inside the box
+  sums' passes (two calls): NCC with its gradient 151 -> 103 ms in-process, a refinement step
+  0.25 -> 0.23 s.
 
 Like :mod:`vmjax.conv`'s, the kernels are built on first use by :mod:`vmjax.native.build` (no
 oneDNN needed) and used only for the CPU backend (:func:`vmjax.native.build.dispatch`: in a

@@ -616,7 +616,8 @@ void BoxSumOf(const Source& source, const Epilogue& epilogue, float* yp, int64_t
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t j = 0; j < nd; ++j) {
         float* slab = yp + (b * nd + j) * plane;
-        for (int64_t h = 0; h < nh; ++h) WindowSum(slab, buf.data() + h * row, h, nh, row, row, half);
+        for (int64_t h = 0; h < nh; ++h)
+          WindowSum(slab, buf.data() + h * row, h, nh, row, row, half);
         for (int64_t h = 0; h < nh; ++h) {
           const float* in = buf.data() + h * row;
           float* out = slab + h * row;
