@@ -115,6 +115,20 @@ def test_conv_block_equals_flax_conv():
                                nn.leaky_relu(ref.apply(ref_vars, x), 0.2), rtol=1e-5, atol=1e-5)
 
 
+def test_weights_of_another_configuration_are_one_clear_error():
+  """Applying a model to parameters of the wrong shape names the parameter, its block and both
+  shapes (the check flax makes by tracing the initialiser, made directly); the right shapes
+  apply without it."""
+  model = vmjax.VxmDense(enc_features=(4, 4), dec_features=(4, 4, 4))
+  x = jnp.zeros((1, 8, 8, 8, 1))
+  variables = model.init(jax.random.PRNGKey(0), x, x)
+  assert model.apply(variables, x, x).shape == (1, 8, 8, 8, 3)
+  wide = vmjax.VxmDense(enc_features=(4, 6), dec_features=(4, 4, 4))
+  with pytest.raises(ValueError, match=r"'kernel' of unet/enc_1 has shape \(3, 3, 3, 4, 4\) "
+                     r"but the model's configuration needs \(3, 3, 3, 4, 6\)"):
+    wide.apply(variables, x, x)
+
+
 @pytest.mark.slow
 def test_remat_changes_memory_not_results():
   """model.remat recomputes conv blocks in the backward pass: same loss and gradients."""
