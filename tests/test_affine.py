@@ -60,6 +60,29 @@ def test_known_affine_is_recovered_across_orientations_and_spacings(seed):
   np.testing.assert_array_equal(found[3], [0, 0, 0, 1])
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e-4, 0.4])
+def test_params_to_matrix_is_the_documented_composition(scale):
+  """``init · C · [R K | t] · C^-1`` written out in numpy with scipy's rotation of the rotation
+  vector (Rodrigues' series near 0), shears above the diagonal, scales on K's columns."""
+  from scipy.spatial.transform import Rotation
+  rng = np.random.default_rng(1)
+  p = (rng.normal(size=12) * scale).astype(np.float32)
+  centre = rng.normal(size=3) * 40
+  init = np.eye(4)
+  init[:3] += rng.normal(size=(3, 4)) * 0.1
+  shear = np.eye(3)
+  shear[0, 1], shear[0, 2], shear[1, 2] = p[9:12]
+  local = np.eye(4)
+  local[:3, :3] = Rotation.from_rotvec(p[:3]).as_matrix() @ shear @ np.diag(np.exp(p[6:9]))
+  local[:3, 3] = p[3:6] * affine.TRANSLATION_SCALE
+  to_centre = np.eye(4)
+  to_centre[:3, 3] = centre
+  expected = init @ to_centre @ local @ np.linalg.inv(to_centre)
+  got = affine.params_to_matrix(jnp.asarray(p), jnp.asarray(centre, jnp.float32),
+                                jnp.asarray(init, jnp.float32))
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_resample_matches_scipy_and_labels_stay_labels():
   rng = np.random.default_rng(3)
   image = ndimage.gaussian_filter(rng.uniform(size=(12, 14, 10)), 1.0).astype(np.float32)
