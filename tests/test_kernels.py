@@ -1,6 +1,8 @@
 """The native CPU kernels (vmjax/kernels.py) against their XLA references in vmjax.transforms
 and vmjax.losses: values and gradients, odd shapes, both boundary modes, samples far outside."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,6 +251,26 @@ def test_compose_self_of_a_smooth_field_matches_compose_and_its_gradient(shape):
   grad_native = jax.jit(jax.grad(lambda u: jnp.sum(g * jnp.sin(kernels.compose_self(u)))))(u)
   grad_xla = jax.grad(lambda u: jnp.sum(g * jnp.sin(transforms.compose(u, u))))(u)
   np.testing.assert_allclose(grad_native, grad_xla, atol=2e-5)
+
+
+@pytest.mark.parametrize("amplitude", [1.3, 9.0])
+def test_compose_self_gradient_scatters_in_slabs_as_compose(amplitude):
+  """The squaring's gradient scatters straight into its output in slabs along D (2 per thread,
+  the even ones side by side, then the odd ones) when the field's D component is small against
+  them: here D = 12 per thread + 5, so slabs of >= 6 layers hold a reach of 2 (amplitude 1.3),
+  and 9 voxels needs the per-thread buffers instead. Both match XLA's gradient, a batch of 2,
+  writes crossing every slab boundary."""
+  threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+  shape = (2, 12 * max(threads, 2) + 5, 6, 5)
+  rng = np.random.default_rng(23)
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape[1:]], indexing="ij"), -1)
+  phases = rng.uniform(0, 2 * np.pi, size=(shape[0], 1, 1, 1, 3))
+  u = jnp.asarray((amplitude * np.sin(0.37 * grid.sum(-1)[None, ..., None] + phases))
+                  .astype(np.float32))
+  g = jnp.asarray(rng.normal(size=u.shape).astype(np.float32))
+  grad_native = jax.jit(jax.grad(lambda u: jnp.sum(g * jnp.sin(kernels.compose_self(u)))))(u)
+  grad_xla = jax.grad(lambda u: jnp.sum(g * jnp.sin(transforms.compose(u, u))))(u)
+  np.testing.assert_allclose(grad_native, grad_xla, atol=2e-5 * amplitude)
 
 
 def test_a_cpu_only_process_calls_the_native_path_without_a_platform_switch(monkeypatch):

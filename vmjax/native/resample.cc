@@ -33,7 +33,8 @@
 //   VmjaxComposeSelf(u (B, D, H, W, 3)) -> u(x) + u(x + u(x)): one squaring of scaling and
 //     squaring (trilinear, indices clamped to the field), without the coordinates in memory.
 //   VmjaxComposeSelfGrad(u, g) -> d_u: its gradient, the coordinate and the scattered image
-//     parts in one pass (ScatterInParallel).
+//     parts in one pass (ScatterInSlabs straight into d_u where the field's D component is
+//     small against a thread's share of D, else ScatterInParallel).
 // With -march=native on a CPU with AVX2 and FMA, interior samples of 1-channel images go 8 at a
 // time (gathers) and those of 3-channel fields one corner row per load (VMJAX_AVX2).
 //   VmjaxSum(x (any shape)) -> the sum of its elements (f64 accumulation, per-thread partial
@@ -502,6 +503,42 @@ void ScatterInParallel(float* out, int64_t total, int64_t n, F&& f) {
       out[i] = sum;
     }
   }
+}
+
+// A scatter-add whose writes stay near their source along D, straight into `out`: calls
+// f(out, row) for every row of `items` batch items of `layers` (D) x `rows_per_layer` (H) rows,
+// where a row of layer d writes only layers d - reach .. d + reach + 1 of its own item. Each
+// item's layers are cut into 2 chunks per thread; the even chunks run side by side, then the odd
+// ones: while no chunk is thinner than 2 reach + 2 layers, two chunks that run at once never
+// write the same layer. Deterministic (a fixed order per address), and no per-thread buffers to
+// zero and sum (ScatterInParallel's cost: a 80x96x80 field's squaring gradient 10.0 -> 7.6 ms,
+// 2-core AMD EPYC Zen 4, 2026-12-06). Returns false, having done nothing, where the chunks
+// would be too thin for `reach` (or reach < 0: unknown); the caller then takes
+// ScatterInParallel.
+template <typename F>
+bool ScatterInSlabs(float* out, int64_t items, int64_t layers, int64_t rows_per_layer,
+                    int64_t floats_per_item, int64_t reach, F&& f) {
+  const int threads = std::max(1, omp_get_max_threads());
+  const int64_t chunks = 2 * threads;
+  if (threads > 1 && (reach < 0 || layers / chunks < 2 * reach + 2)) return false;
+  const int64_t total = items * floats_per_item;
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t begin, end;
+    ThreadRange(total, omp_get_thread_num(), threads, &begin, &end);
+    std::fill(out + begin, out + end, 0.0f);
+#pragma omp barrier
+    for (int64_t b = 0; b < items; ++b)
+      for (int64_t phase = 0; phase < 2; ++phase) {
+#pragma omp for schedule(static)
+        for (int64_t c = phase; c < chunks; c += 2) {
+          const int64_t first = c * layers / chunks, last = (c + 1) * layers / chunks;
+          for (int64_t row = first * rows_per_layer; row < last * rows_per_layer; ++row)
+            f(out, b * layers * rows_per_layer + row);
+        }
+      }
+  }
+  return true;
 }
 
 ffi::Error TrilinearGradImage(ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::F32> coords,
@@ -1049,8 +1086,7 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
   const float* u = field.typed_data();
   const float* gp = g.typed_data();
   const int64_t rows = s.out / s.ow;
-  ScatterInParallel(d_field->typed_data(), s.b * s.out * 3, s.b * rows,
-                    [&](float* acc, int64_t row) {
+  auto one_row = [&](float* acc, int64_t row) {
     const int64_t b = row / rows, x0 = (row - b * rows) * s.ow;
     const float* base = u + b * s.out * 3;
     float* abase = acc + b * s.out * 3;
@@ -1099,7 +1135,20 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
       float* a = abase + x * 3;  // the direct term and the coordinate term at x itself
       for (int k = 0; k < 3; ++k) a[k] += gv[k] + t[k];
     }
-  });
+  };
+  // A voxel at layer d scatters to layers floor(d + u_D) and the next (clamped): within
+  // ceil(max |u_D|) of d, and one beyond.
+  const int64_t n = s.b * s.out;
+  float reach = 0.0f;
+#pragma omp parallel for reduction(max : reach) schedule(static)
+  for (int64_t x = 0; x < n; ++x) {
+    const float a = std::fabs(u[x * 3]);
+    reach = std::max(reach, a <= 1e30f ? a : INFINITY);  // NaN too: where it scatters is unknown
+  }
+  const bool known = reach < static_cast<float>(s.di);
+  if (!ScatterInSlabs(d_field->typed_data(), s.b, s.di, s.oh, s.out * 3,
+                      known ? static_cast<int64_t>(std::ceil(reach)) : -1, one_row))
+    ScatterInParallel(d_field->typed_data(), s.b * s.out * 3, s.b * rows, one_row);
   return ffi::Error::Success();
 }
 
