@@ -511,10 +511,10 @@ void ScatterInParallel(float* out, int64_t total, int64_t n, F&& f) {
 // item's layers are cut into 2 chunks per thread; the even chunks run side by side, then the odd
 // ones: while no chunk is thinner than 2 reach + 2 layers, two chunks that run at once never
 // write the same layer. Deterministic (a fixed order per address), and no per-thread buffers to
-// zero and sum (ScatterInParallel's cost: a 80x96x80 field's squaring gradient 10.0 -> 7.6 ms,
-// 2-core AMD EPYC Zen 4, 2026-12-06). Returns false, having done nothing, where the chunks
-// would be too thin for `reach` (or reach < 0: unknown); the caller then takes
-// ScatterInParallel.
+// zero and sum (ScatterInParallel's cost: a 80x96x80 field's squaring gradient 9.6 -> 7.3 ms,
+// medians of 3 alternated runs; 2-core AMD EPYC Zen 4, 2026-12-06). Returns false, having done
+// nothing, where the chunks would be too thin for `reach` (or reach < 0: unknown); the caller
+// then takes ScatterInParallel.
 template <typename F>
 bool ScatterInSlabs(float* out, int64_t items, int64_t layers, int64_t rows_per_layer,
                     int64_t floats_per_item, int64_t reach, F&& f) {
