@@ -68,6 +68,26 @@ def test_composed_field_matches_a_numpy_scipy_reference():
   np.testing.assert_allclose(u.reshape(-1, 3), y - x, atol=2e-4)
 
 
+@pytest.mark.parametrize("disp_shape", [(7, 6, 5), (1, 5, 6)])
+def test_the_composition_on_the_cpu_is_one_native_pass_with_the_xla_values(disp_shape):
+  """The CPU's composition (one kernel) against the XLA program it replaces there: grid points
+  that map beyond every edge of the field (clamped), a rough field, an axis of one voxel (the
+  kernel's general path)."""
+  rng = np.random.default_rng(3)
+  disp = jnp.asarray(rng.normal(scale=2.0, size=disp_shape + (3,)), jnp.float32)
+  to_model = np.eye(4)
+  to_model[:3, :3] = np.diag([0.9, -0.7, 0.8]) + rng.normal(scale=0.1, size=(3, 3))
+  to_model[:3, 3] = [-3.0, 9.0, -2.0]
+  to_moving = world(0.3, [2.0, -1.0, 0.5])
+  args = (jnp.asarray(to_model, jnp.float32), jnp.asarray(to_moving, jnp.float32), disp)
+  shape = (13, 11, 12)
+  native = pipeline._composed(shape, *args)
+  assert "vmjax_compose_affine" in jax.jit(pipeline._composed, static_argnums=0).lower(
+      shape, *args).as_text()
+  reference = jax.jit(pipeline._composed_xla, static_argnums=0)(shape, *args)
+  np.testing.assert_allclose(native, reference, atol=1e-4)
+
+
 def test_composed_warp_equals_affine_then_deformable_in_sequence():
   space, fixed, moving, a_fixed, a_moving, disp = setting()
   u = pipeline.compose_on_fixed_grid(fixed, moving, space, a_fixed, a_moving, jnp.asarray(disp))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vmjax import affine as affine_lib
+from vmjax import kernels
 from vmjax import metrics
 from vmjax import registration
 from vmjax import stages
@@ -63,6 +64,13 @@ def compose_on_fixed_grid(fixed: Volume, moving: Volume, space: ModelSpace, a_fi
 
 @functools.partial(jax.jit, static_argnums=0)
 def _composed(shape, to_model: jax.Array, to_moving: jax.Array, disp: jax.Array | None):
+  if disp is None:
+    return _composed_xla(shape, to_model, to_moving, None)
+  return kernels.on_cpu(lambda d, a, b: kernels.compose_affine(d, a, b, shape),
+                        lambda d, a, b: _composed_xla(shape, a, b, d), disp, to_model, to_moving)
+
+
+def _composed_xla(shape, to_model: jax.Array, to_moving: jax.Array, disp: jax.Array | None):
   grid = transforms.identity_grid(shape)
   t = transforms.apply_affine(to_model, grid)  # x's voxel on the model's grid
   if disp is not None:

@@ -37,6 +37,9 @@
 //     small against a thread's share of D, else ScatterInParallel).
 // With -march=native on a CPU with AVX2 and FMA, interior samples of 1-channel images go 8 at a
 // time (gathers) and those of 3-channel fields one corner row per load (VMJAX_AVX2).
+//   VmjaxComposeAffine(disp (Di, Hi, Wi, 3), m (2, 3, 4)) -> u (D, H, W, 3): vmjax.pipeline's
+//     composed field on another grid, in one pass: for its voxel x, t = m[0] x (a voxel of
+//     disp's grid), u(x) = m[1] (t + disp(t)) - x (trilinear, indices clamped).
 //   VmjaxSum(x (any shape)) -> the sum of its elements (f64 accumulation, per-thread partial
 //     sums added in a fixed order). XLA:CPU fuses an elementwise map into the reduction that
 //     consumes it and then runs ~20-50x slower than the map and the sum apart (NCC's mean).
@@ -1152,6 +1155,81 @@ ffi::Error ComposeSelfGrad(ffi::Buffer<ffi::F32> field, ffi::Buffer<ffi::F32> g,
   return ffi::Error::Success();
 }
 
+// Where indices are clamped (mode "nearest"), a sample's value is that of its coordinates
+// clamped to [0, n - 1] (a sample beyond an edge gets the edge's values either way): fills `in`
+// for the clamped sample, its lower corner at most n - 2 (a sample on the last voxel weighs
+// its upper corner 1), so that every sample takes the interior path. False for NaN or an axis
+// of fewer than 2 voxels (ForEachCorner's general path then). Values only: the gradient with
+// respect to the coordinates differs beyond the edges.
+inline bool ClampedInside(const Shapes& s, float p0, float p1, float p2, Interior* in) {
+  if (!(p0 == p0 && p1 == p1 && p2 == p2) || s.di < 2 || s.hi < 2 || s.wi < 2) return false;
+  int64_t l[3];
+  float f[3];
+  const float p[3] = {p0, p1, p2};
+  const int64_t n[3] = {s.di, s.hi, s.wi};
+  for (int k = 0; k < 3; ++k) {
+    const float q = std::min(std::max(p[k], 0.0f), static_cast<float>(n[k] - 1));
+    l[k] = std::min(static_cast<int64_t>(q), n[k] - 2);
+    f[k] = q - static_cast<float>(l[k]);
+  }
+  in->offset = ((l[0] * s.hi + l[1]) * s.wi + l[2]) * s.c;
+  in->f0 = f[0];
+  in->f1 = f[1];
+  in->f2 = f[2];
+  in->sw = s.c;
+  in->sh = s.wi * s.c;
+  in->sd = s.hi * s.wi * s.c;
+  return true;
+}
+
+ffi::Error ComposeAffine(ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> matrices,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  auto dd = disp.dimensions(), od = out->dimensions();
+  if (dd.size() != 4 || dd[3] != 3 || od.size() != 4 || od[3] != 3 ||
+      matrices.element_count() != 24)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax compose affine: disp (D, H, W, 3), matrices (2, 3, 4), out (., 3)");
+  const Shapes s = {1, dd[0], dd[1], dd[2], 3, od[0] * od[1] * od[2], od[1], od[2]};
+  const float* u = disp.typed_data();
+  const float* m = matrices.typed_data();  // m[0..11]: to disp's grid; m[12..23]: onwards
+  float* o = out->typed_data();
+  // m's row r times (x0, x1, x2, 1), as vmjax.transforms.apply_affine sums it.
+  auto row = [](const float* r, float x0, float x1, float x2) {
+    return r[0] * x0 + r[1] * x1 + r[2] * x2 + r[3];
+  };
+  ForEachRow(s, [&](int64_t, int64_t x0) {
+    const float d = static_cast<float>(x0 / (s.oh * s.ow)),
+                h = static_cast<float>((x0 / s.ow) % s.oh);
+    for (int64_t w = 0; w < s.ow; ++w) {
+      const float x[3] = {d, h, static_cast<float>(w)};
+      float t[3];
+      for (int r = 0; r < 3; ++r) t[r] = row(m + 4 * r, x[0], x[1], x[2]);
+      float v[3] = {0.0f, 0.0f, 0.0f};
+      Interior in;
+      if (ClampedInside(s, t[0], t[1], t[2], &in)) {
+#ifdef VMJAX_AVX2
+        if (Fits3(in, s.di * s.hi * s.wi * 3)) {
+          alignas(32) float value[8];
+          _mm256_store_ps(value, Lerp3x3(LoadRows3(u + in.offset, in), in));
+          for (int k = 0; k < 3; ++k) v[k] = value[k];
+        } else
+#endif
+          for (int k = 0; k < 3; ++k) v[k] = Lerp3(u + in.offset + k, in);
+      } else {
+        ForEachCorner(s, MakeAxes(s, t, true),
+                      [&](int64_t offset, float w0, float w1, float w2, float, float, float) {
+          const float wt = w0 * w1 * w2;
+          for (int k = 0; k < 3; ++k) v[k] += wt * u[offset + k];
+        });
+      }
+      float* ov = o + (x0 + w) * 3;
+      for (int r = 0; r < 3; ++r)
+        ov[r] = row(m + 12 + 4 * r, t[0] + v[0], t[1] + v[1], t[2] + v[2]) - x[r];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error Sum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
   const float* xp = x.typed_data();
   const int64_t n = static_cast<int64_t>(x.element_count());
@@ -1236,6 +1314,11 @@ VMJAX_UPSAMPLE_HANDLER(VmjaxUpsample2T, Upsample2T)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxComposeSelf, ComposeSelf,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxComposeSelfGrad, ComposeSelfGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxComposeAffine, ComposeAffine,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
