@@ -29,6 +29,7 @@ import optax
 
 from vmjax import data
 from vmjax import registration
+from vmjax import transfer
 from vmjax import transforms
 from vmjax.io import Volume
 
@@ -163,18 +164,19 @@ def affine_register(moving: Volume, fixed: Volume, spacings: Sequence[float] = (
   if init is None:
     init = np.eye(4)
     init[:3, 3] = centre_of_mass(moving) - centre
-  params = jnp.zeros(12, jnp.float32)
-  args = dict(centre=jnp.asarray(centre, jnp.float32), init=jnp.asarray(init, jnp.float32))
+  params = transfer.to_device(np.zeros(12, np.float32))
+  args = transfer.to_device(dict(centre=centre, init=init), np.float32)
   matrix = params_to_matrix(params, args["centre"], args["init"]) if not spacings else None
   for spacing in spacings:
     f_image, f_affine = _level(fixed, spacing)
     m_image, m_affine = _level(moving, spacing)
-    level = dict(fixed=jnp.asarray(f_image), moving=jnp.asarray(m_image),
-                 fixed_v2w=jnp.asarray(f_affine, jnp.float32),
-                 moving_w2v=jnp.asarray(np.linalg.inv(m_affine), jnp.float32), **args)
+    level = dict(**transfer.to_device(dict(fixed=f_image, moving=m_image, fixed_v2w=f_affine,
+                                           moving_w2v=np.linalg.inv(m_affine)), np.float32),
+                 **args)
     for mask, steps in ((RIGID, rigid_steps), (AFFINE, affine_steps)):
-      params, _, matrix = _optimise(params, jnp.asarray(mask), learning_rate=learning_rate,
-                                    steps=jnp.asarray(int(steps), jnp.int32), **level)
+      params, _, matrix = _optimise(params, transfer.to_device(mask),
+                                    learning_rate=learning_rate,
+                                    steps=transfer.to_device(int(steps), np.int32), **level)
   return np.asarray(matrix, np.float64)
 
 
@@ -189,7 +191,7 @@ def resample_volume(moving: Volume, world: np.ndarray, grid_affine: np.ndarray, 
                     path: str | None = None) -> Volume:
   """``moving`` (image trilinear, labels nearest) on the grid ``(grid_affine, shape)``, through
   the world matrix ``world`` (grid world -> moving world)."""
-  v2v = jnp.asarray(np.linalg.inv(moving.affine) @ world @ grid_affine, jnp.float32)
+  v2v = transfer.to_device(np.linalg.inv(moving.affine) @ world @ grid_affine, np.float32)
   out = registration.warp_volume(moving, _affine_displacement(tuple(int(n) for n in shape), v2v))
   return Volume(image=np.asarray(out["moved"]),
                 seg=None if moving.seg is None else np.asarray(out["moved_seg"]),

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vmjax import affine as affine_lib
@@ -26,6 +25,7 @@ from vmjax import kernels
 from vmjax import metrics
 from vmjax import registration
 from vmjax import stages
+from vmjax import transfer
 from vmjax import transforms
 from vmjax.checks import DataError
 from vmjax.io import Volume
@@ -58,8 +58,8 @@ def compose_on_fixed_grid(fixed: Volume, moving: Volume, space: ModelSpace, a_fi
   ``disp=None``: the affine part alone."""
   to_model = np.linalg.inv(space.affine) @ np.linalg.inv(a_fixed) @ fixed.affine
   to_moving = np.linalg.inv(moving.affine) @ a_moving @ space.affine
-  return _composed(tuple(fixed.image.shape), jnp.asarray(to_model, jnp.float32),
-                   jnp.asarray(to_moving, jnp.float32), disp)
+  return _composed(tuple(fixed.image.shape), *transfer.to_device((to_model, to_moving), np.float32),
+                   disp)
 
 
 @functools.partial(jax.jit, static_argnums=0)

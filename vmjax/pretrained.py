@@ -17,13 +17,12 @@ import json
 import os
 
 from flax import serialization
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vmjax import io
 from vmjax import networks
+from vmjax import transfer
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DEFAULT = "oasis-vm2-diff"
@@ -69,7 +68,7 @@ def load(name: str = DEFAULT):
   # of each command); a mismatch with the model is flax's shape error at the first apply.
   with open(_path(name, ".msgpack"), "rb") as f:
     params = serialization.msgpack_restore(f.read())
-  return model, {"params": jax.tree_util.tree_map(jnp.asarray, params)}, config
+  return model, {"params": transfer.to_device(params)}, config
 
 
 def space(name: str = DEFAULT) -> ModelSpace:

@@ -12,12 +12,14 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from vmjax import checks
 from vmjax import data
 from vmjax import losses
 from vmjax import stages
+from vmjax import transfer
 from vmjax import transforms
 from vmjax.networks import VxmDense
 
@@ -49,7 +51,8 @@ def register(model: VxmDense, variables, moving: jax.Array, fixed: jax.Array):
 
 
 def pad_to_multiple(x: jax.Array, multiple: int, mode: str = "constant"):
-  """Pads the spatial axes of ``(B, D, H, W, C)`` at their end to multiples of ``multiple``.
+  """Pads the spatial axes of ``(B, D, H, W, C)`` at their end to multiples of ``multiple`` (a
+  numpy array in numpy, on the host).
 
   Returns:
     ``(padded, spatial_shape)``: crop back with ``padded[:, :D, :H, :W]``.
@@ -57,13 +60,13 @@ def pad_to_multiple(x: jax.Array, multiple: int, mode: str = "constant"):
   shape = tuple(x.shape[1:4])
   target = checks.divisible_shape(shape, multiple)
   pads = [(0, 0)] + [(0, t - n) for t, n in zip(target, shape)] + [(0, 0)]
-  return jnp.pad(x, pads, mode=mode), shape
+  return (np if isinstance(x, np.ndarray) else jnp).pad(x, pads, mode=mode), shape
 
 
-def _network_input(volume, config) -> tuple[jax.Array, tuple]:
-  """A scan prepared as in training (normalisation, downsampling), batched."""
+def _network_input(volume, config) -> tuple[np.ndarray, tuple]:
+  """A scan prepared as in training (normalisation, downsampling), batched, on the host."""
   prepared = data.prepare(volume, config.data.normalize, config.data.downsample)
-  return jnp.asarray(prepared.image)[None, ..., None], prepared.image.shape
+  return prepared.image[None, ..., None], prepared.image.shape
 
 
 def pair_loss_config(config) -> ml_collections.FrozenConfigDict:
@@ -423,8 +426,10 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
   multiple = 2 ** model.levels
   inputs = [[_network_input(scan, config) for scan in pair] for pair in pairs]
   net_shape = inputs[0][0][1]
-  x_moving, _ = pad_to_multiple(jnp.concatenate([m for (m, _), _ in inputs]), multiple)
-  x_fixed, _ = pad_to_multiple(jnp.concatenate([f for _, (f, _) in inputs]), multiple)
+  # Batched and padded on the host: one copy to the device, no program per shape.
+  x_moving, x_fixed = transfer.to_device(
+      [pad_to_multiple(np.concatenate([pair[k][0] for pair in inputs]), multiple)[0]
+       for k in (0, 1)], np.float32)
   checks.check_pair(x_moving, x_fixed, levels=model.levels)
 
   loss_cfg = instance.loss_config(config)
@@ -444,7 +449,7 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
       with stages.stage("refinement"):
         velocity, steps_taken, loss_before = stages.sync(refine_velocity(
             model, loss_cfg, instance.schedule, velocity, x_moving, x_fixed, lr, instance.tol))
-        steps_taken = [int(k) for k in steps_taken]
+        steps_taken = np.asarray(steps_taken).tolist()  # (iterating the array is a program)
       fields = _fields_from_velocity(model, inverse, net_grid, velocity)
     else:
       params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
@@ -459,22 +464,14 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
     loss_after = loss_before if not instance.total_steps else stages.sync(
         _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed))
 
-  full_shape = pairs[0][0].image.shape
-
-  def to_full_grid(field):
-    """The network's field cropped back and, after downsampling, resized to the full grid."""
-    field = field[:, :net_shape[0], :net_shape[1], :net_shape[2]]
-    factor = config.data.downsample
-    if factor > 1:
-      field = transforms.resize_field(field, tuple(n * factor for n in net_shape))
-      pads = [(0, 0)] + [(0, f - n) for f, n in zip(full_shape, field.shape[1:4])]
-      field = jnp.pad(field, pads + [(0, 0)], mode="edge")
-    return field
-
+  full_shape = tuple(pairs[0][0].image.shape)
   with stages.stage("fields from the velocity"):
-    disp = stages.sync(to_full_grid(fields["disp"]))
-    inverse_disp = stages.sync(to_full_grid(fields["inverse"])) if inverse else None
+    on_grid = functools.partial(_pairs_on_full_grid, net_shape=tuple(net_shape),
+                                factor=config.data.downsample, full_shape=full_shape)
+    disp = stages.sync(on_grid(fields["disp"]))
+    inverse_disp = stages.sync(on_grid(fields["inverse"])) if inverse else None
   results = []
+  loss_before, loss_after = np.asarray(loss_before), np.asarray(loss_after)
   for i, (moving, _) in enumerate(pairs):
     result = {"loss_before": float(loss_before[i]), "loss_after": float(loss_after[i]),
               "steps": steps_taken[i], "variables": variables, "disp": disp[i]}
@@ -487,12 +484,24 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
   return results
 
 
+@functools.partial(jax.jit, static_argnames=("net_shape", "factor", "full_shape"))
+def _pairs_on_full_grid(field: jax.Array, net_shape, factor: int, full_shape) -> tuple:
+  """Each pair's field ``(D, H, W, 3)`` of the network's ``(B, ...)``: cropped back to
+  ``net_shape`` and, after downsampling by ``factor``, resized to the full grid (one program:
+  eager, the crop, the resizing and each pair's slice would each be one)."""
+  field = field[:, :net_shape[0], :net_shape[1], :net_shape[2]]
+  if factor > 1:
+    field = transforms.resize_field(field, tuple(n * factor for n in net_shape))
+    pads = [(0, 0)] + [(0, f - n) for f, n in zip(full_shape, field.shape[1:4])]
+    field = jnp.pad(field, pads + [(0, 0)], mode="edge")
+  return tuple(field[i] for i in range(field.shape[0]))
+
+
 def warp_volume(volume, disp: jax.Array) -> dict:
   """``moved`` (trilinear) and, if the volume has labels, ``moved_seg`` (nearest) of a
   :class:`vmjax.io.Volume` warped by ``disp`` ``(D, H, W, 3)`` (voxels of the volume's grid;
   the output is on the field's grid)."""
-  return _warped(jnp.asarray(volume.image), None if volume.seg is None else
-                 jnp.asarray(volume.seg), disp)
+  return _warped(*transfer.to_device((volume.image, volume.seg)), disp)
 
 
 @jax.jit
