@@ -83,6 +83,29 @@ def test_params_to_matrix_is_the_documented_composition(scale):
   np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_levels_are_block_means_and_the_centre_of_mass_is_the_weighted_mean(order):
+  """A level is the mean of each whole block (a numpy loop; the remainder dropped), factors per
+  axis from the spacing, its affine at the block centres; the centre of mass is the
+  intensity-weighted mean voxel (negative voxels weigh 0) in world mm."""
+  rng = np.random.default_rng(2)
+  image = np.asarray(rng.normal(size=(13, 10, 8)), np.float32, order=order)
+  vox = np.diag([1.0, 1.5, 3.0, 1.0])
+  vox[:3, 3] = [5.0, -2.0, 1.0]
+  volume = io.Volume(image=image, seg=None, affine=vox, path="v")
+  level, level_affine = affine._level(volume, 3.0)  # factors 3, 2, 1
+  expected = np.zeros((4, 5, 8))
+  for i, j, k in np.ndindex(expected.shape):
+    expected[i, j, k] = image[3 * i:3 * i + 3, 2 * j:2 * j + 2, k].mean()
+  np.testing.assert_allclose(level, expected, atol=1e-6)
+  np.testing.assert_allclose(level_affine @ [1, 1, 1, 1], vox @ [4.0, 2.5, 1.0, 1.0])
+  weights = np.maximum(image, 0).astype(np.float64)
+  index = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1)
+  centre = (weights[..., None] * index).sum(axis=(0, 1, 2)) / weights.sum()
+  np.testing.assert_allclose(affine.centre_of_mass(volume), (vox @ [*centre, 1.0])[:3],
+                             rtol=1e-10)
+
+
 def test_resample_matches_scipy_and_labels_stay_labels():
   rng = np.random.default_rng(3)
   image = ndimage.gaussian_filter(rng.uniform(size=(12, 14, 10)), 1.0).astype(np.float32)

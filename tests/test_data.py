@@ -39,6 +39,19 @@ def test_preparation_normalise_downsample_fit():
   assert data.normalize_intensity(image, "percentile").max() == 1.0
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_foreground_normalisation_divides_by_the_nonzero_percentile(order):
+  """"foreground": the 99.5th percentile of the non-zero voxels (numpy's, on them alone) maps
+  to 1, everything above is clipped, float32 out; a NIfTI's Fortran-ordered array alike."""
+  rng = np.random.default_rng(4)
+  image = np.where(rng.uniform(size=(9, 8, 7)) < 0.3, 0.0, rng.gamma(2.0, 50.0, (9, 8, 7)))
+  image = np.asarray(image, np.float32, order=order)
+  hi = np.percentile(image[image != 0].astype(np.float64), 99.5)
+  out = data.normalize_intensity(image, "foreground")
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, np.clip(image / hi, 0.0, 1.0), rtol=1e-6)
+
+
 def test_sampler_is_deterministic_and_pairs_differ():
   subjects = [io.Volume(image=np.full(SHAPE, i, np.float32), seg=None, affine=np.eye(4),
                           path=str(i)) for i in range(4)]
