@@ -69,3 +69,26 @@ def test_pad_to_multiple_then_crop_round_trips():
   assert padded.shape == (1, 32, 32, 48, 1) and shape == (17, 32, 33)
   np.testing.assert_array_equal(padded[:, :17, :32, :33], x)
   assert float(jnp.abs(padded).sum() - jnp.abs(x).sum()) == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("batch, inverse", [(1, False), (2, True)])
+def test_refined_fields_and_their_losses_come_from_one_program(batch, inverse):
+  """The refined velocity's fields and each pair's loss at it (one program sharing the
+  integration) are the model's fields and the per-pair losses computed apart."""
+  import ml_collections
+  model = vmjax.VxmDense(enc_features=(4, 4), dec_features=(4, 4, 4), int_steps=4)
+  loss_cfg = ml_collections.FrozenConfigDict({"image": "ncc", "window": 5, "lam": 0.3,
+                                              "bidir": False, "seg_weight": 0.0})
+  rng = np.random.default_rng(6)
+  shape = (batch, 16, 12, 8)
+  velocity = jnp.asarray(rng.normal(scale=0.8, size=(batch, 8, 6, 4, 3)), jnp.float32)
+  moving, fixed = (jnp.asarray(rng.uniform(size=shape + (1,)), jnp.float32) for _ in range(2))
+  fields, per_pair = registration._fields_and_losses(model, loss_cfg, inverse, velocity, moving,
+                                                     fixed)
+  expected = model.fields_from_velocity(velocity, shape[1:], bidir=inverse)
+  assert set(fields) == set(expected)
+  for key in expected:
+    np.testing.assert_allclose(fields[key], expected[key], atol=1e-6)
+  alone = [registration._field_loss(model, loss_cfg, velocity[i:i + 1], moving[i:i + 1],
+                                    fixed[i:i + 1]) for i in range(batch)]
+  np.testing.assert_allclose(per_pair, alone, rtol=1e-5)

@@ -87,16 +87,29 @@ def _fields(model: VxmDense, bidir: bool, velocity_only: bool, variables, moving
   return {"velocity": fields["velocity"]} if velocity_only else fields
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _fields_from_velocity(model: VxmDense, bidir: bool, full_shape, velocity: jax.Array):
-  return model.fields_from_velocity(velocity, full_shape, bidir=bidir)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _field_loss(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Array,
                 fixed: jax.Array):
   fields = model.fields_from_velocity(velocity, moving.shape[1:4], bidir=loss_cfg.bidir)
   return losses.field_loss(fields, moving, fixed, loss_cfg)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fields_and_losses(model: VxmDense, loss_cfg, inverse: bool, velocity: jax.Array,
+                       moving: jax.Array, fixed: jax.Array):
+  """``(fields, losses (B,))``: the model's fields of one velocity (with ``inverse``) and
+  :func:`_pair_field_losses` at it in one program, sharing its integration and resizing."""
+  fields = model.fields_from_velocity(velocity, moving.shape[1:4],
+                                      bidir=inverse or loss_cfg.bidir)
+  loss = lambda f, m, x: losses.field_loss(f, m, x, loss_cfg)[0]
+  if velocity.shape[0] == 1:
+    per_pair = loss(fields, moving, fixed)[None]
+  else:
+    per_pair = jax.vmap(lambda f, m, x: loss(jax.tree_util.tree_map(lambda a: a[None], f),
+                                             m[None], x[None]))(fields, moving, fixed)
+  if not inverse:
+    fields = {k: v for k, v in fields.items() if k != "inverse"}
+  return fields, per_pair
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -433,7 +446,6 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
   checks.check_pair(x_moving, x_fixed, levels=model.levels)
 
   loss_cfg = instance.loss_config(config)
-  net_grid = x_moving.shape[1:4]
   # The inverse of the network's own field only when nothing refines it afterwards.
   with stages.stage("network"):
     fields = stages.sync(_fields(model, inverse and not instance.total_steps,
@@ -442,6 +454,7 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
   velocity = fields["velocity"]
   network_velocity = velocity
   loss_before = None  # the refinement's first step evaluates it where it starts at full size
+  loss_after = None  # the refined fields' program evaluates it
   steps_taken = [instance.total_steps] * len(pairs)
   if instance.total_steps > 0:
     lr = instance.learning_rate
@@ -450,7 +463,9 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
         velocity, steps_taken, loss_before = stages.sync(refine_velocity(
             model, loss_cfg, instance.schedule, velocity, x_moving, x_fixed, lr, instance.tol))
         steps_taken = np.asarray(steps_taken).tolist()  # (iterating the array is a program)
-      fields = _fields_from_velocity(model, inverse, net_grid, velocity)
+      with stages.stage("fields and loss of the refined velocity"):
+        fields, loss_after = stages.sync(_fields_and_losses(model, loss_cfg, inverse, velocity,
+                                                            x_moving, x_fixed))
     else:
       params = instance_optimise(model, loss_cfg, int(instance.steps), variables["params"],
                                  x_moving, x_fixed, lr)
@@ -461,11 +476,12 @@ def register_aligned_volume_batch(model: VxmDense, variables, config, pairs,
     if loss_before is None:
       loss_before = stages.sync(_pair_field_losses(model, loss_cfg, network_velocity, x_moving,
                                                    x_fixed))
-    loss_after = loss_before if not instance.total_steps else stages.sync(
-        _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed))
+    if loss_after is None:
+      loss_after = loss_before if not instance.total_steps else stages.sync(
+          _pair_field_losses(model, loss_cfg, velocity, x_moving, x_fixed))
 
   full_shape = tuple(pairs[0][0].image.shape)
-  with stages.stage("fields from the velocity"):
+  with stages.stage("each pair's field on its grid"):
     on_grid = functools.partial(_pairs_on_full_grid, net_shape=tuple(net_shape),
                                 factor=config.data.downsample, full_shape=full_shape)
     disp = stages.sync(on_grid(fields["disp"]))
