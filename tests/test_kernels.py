@@ -273,6 +273,33 @@ def test_compose_self_gradient_scatters_in_slabs_as_compose(amplitude):
   np.testing.assert_allclose(grad_native, grad_xla, atol=2e-5 * amplitude)
 
 
+@pytest.mark.parametrize("fixed_shape, moving_shape", [((13, 14, 12), (15, 11, 16)),
+                                                       ((7, 9, 21), (10, 12, 9)),
+                                                       ((6, 5, 11), (1, 8, 9))])
+def test_affine_ncc_matches_the_xla_loss_and_its_gradient(fixed_shape, moving_shape):
+  """The affine step's loss in two native passes against XLA's resampling and NCC: value and
+  gradient with respect to the matrix, samples outside the moving image (0 there), rows longer
+  and shorter than the 8-voxel vectors, and a moving image of one slice (the scalar path)."""
+  from scipy import ndimage
+  from vmjax import affine
+  rng = np.random.default_rng(31)
+  smooth = lambda shape: jnp.asarray(ndimage.gaussian_filter(rng.random(shape), 1.5),
+                                     jnp.float32)
+  fixed, moving = smooth(fixed_shape), smooth(moving_shape)
+  matrix = np.eye(4)
+  matrix[:3, :3] += rng.normal(scale=0.15, size=(3, 3))
+  matrix[:3, 3] = [1.5, -2.0, 3.0]  # part of the fixed grid maps outside the moving image
+  matrix = jnp.asarray(matrix, jnp.float32)
+  reference = lambda a: -affine._ncc(fixed, affine.resample(moving, a, fixed.shape))
+  native = lambda a: kernels.affine_ncc(fixed, moving, a[:3])
+  np.testing.assert_allclose(native(matrix), reference(matrix), rtol=1e-5, atol=1e-6)
+  g_ref = jax.grad(reference)(matrix)
+  np.testing.assert_allclose(jax.grad(native)(matrix), g_ref, rtol=1e-4,
+                             atol=1e-5 * float(jnp.abs(g_ref).max()))
+  assert "vmjax_affine_ncc" in jax.jit(jax.grad(
+      lambda a: affine.image_loss(fixed, moving, a))).lower(matrix).as_text()
+
+
 def test_a_cpu_only_process_calls_the_native_path_without_a_platform_switch(monkeypatch):
   # Where a program could be lowered for another platform, lax.platform_dependent chooses the
   # path at lowering, and leaves a conditional around the call (XLA:CPU then copies its

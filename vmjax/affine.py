@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from vmjax import data
+from vmjax import kernels
 from vmjax import registration
 from vmjax import transfer
 from vmjax import transforms
@@ -89,6 +90,15 @@ def resample(image: jax.Array, voxel_to_voxel: jax.Array, shape) -> jax.Array:
   return transforms.sample(image[None, ..., None], coords[None], mode="constant")[0, ..., 0]
 
 
+def image_loss(fixed: jax.Array, moving: jax.Array, voxel_to_voxel: jax.Array) -> jax.Array:
+  """``-NCC`` of ``fixed`` and ``moving`` :func:`resample`-d at ``voxel_to_voxel`` (4x4) of each
+  fixed voxel: the affine step's loss. On the CPU one native call for its value and its
+  gradient (:func:`vmjax.kernels.affine_ncc`)."""
+  return kernels.on_cpu(lambda f, m, a: kernels.affine_ncc(f, m, a[:3]),
+                        lambda f, m, a: -_ncc(f, resample(m, a, f.shape)),
+                        fixed, moving, voxel_to_voxel)
+
+
 def _cosine_rate(learning_rate, steps, alpha: float = 0.05):
   """``optax.cosine_decay_schedule(learning_rate, steps, alpha)`` for a traced ``steps`` (one
   compiled program serves every step count)."""
@@ -107,8 +117,7 @@ def _optimise(params, mask, fixed, moving, fixed_v2w, moving_w2v, centre, init, 
   tx = optax.adam(_cosine_rate(learning_rate, steps))
 
   def loss(p):
-    world = params_to_matrix(p, centre, init)
-    return -_ncc(fixed, resample(moving, moving_w2v @ world @ fixed_v2w, fixed.shape))
+    return image_loss(fixed, moving, moving_w2v @ params_to_matrix(p, centre, init) @ fixed_v2w)
 
   def body(_, carry):
     p, opt_state = carry

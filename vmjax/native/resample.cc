@@ -40,6 +40,11 @@
 //   VmjaxComposeAffine(disp (Di, Hi, Wi, 3), m (2, 3, 4)) -> u (D, H, W, 3): vmjax.pipeline's
 //     composed field on another grid, in one pass: for its voxel x, t = m[0] x (a voxel of
 //     disp's grid), u(x) = m[1] (t + disp(t)) - x (trilinear, indices clamped).
+//   VmjaxAffineNcc(fixed (D, H, W), moving (D', H', W'), m (3, 4)) -> (-NCC (), its gradient
+//     with respect to m (3, 4)): the affine step's loss, -NCC (global) of the fixed image and the
+//     moving one sampled (trilinear, 0 outside) at m's map of each fixed voxel, in two passes
+//     (the sums, then the gradient), float64 sums; vmjax/affine.py's loss without XLA's
+//     coordinates, samples and reductions in memory.
 //   VmjaxSum(x (any shape)) -> the sum of its elements (f64 accumulation, per-thread partial
 //     sums added in a fixed order). XLA:CPU fuses an elementwise map into the reduction that
 //     consumes it and then runs ~20-50x slower than the map and the sum apart (NCC's mean).
@@ -1230,6 +1235,203 @@ ffi::Error ComposeAffine(ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> matri
   return ffi::Error::Success();
 }
 
+// One sample of the affine step: the moving image (constant mode) at m's map of the fixed voxel
+// (d, h, w), and with `grad` its derivatives with respect to the sample's coordinates.
+inline float AffineSample(const Shapes& s, const float* img, const float* m, float d, float h,
+                          float w, float* grad) {
+  float p[3];
+  for (int r = 0; r < 3; ++r)
+    p[r] = m[4 * r] * d + m[4 * r + 1] * h + m[4 * r + 2] * w + m[4 * r + 3];
+  Interior in;
+  if (Inside(s, p[0], p[1], p[2], &in)) {
+    if (grad) {
+      grad[0] = grad[1] = grad[2] = 0.0f;
+      Lerp3Grad(img + in.offset, in, 1.0f, grad);
+    }
+    return Lerp3(img + in.offset, in);
+  }
+  float value = 0.0f;
+  if (grad) grad[0] = grad[1] = grad[2] = 0.0f;
+  ForEachCorner(s, MakeAxes(s, p, false), [&](int64_t offset, float w0, float w1, float w2,
+                                              float d0, float d1, float d2) {
+    const float v = img[offset];
+    value += w0 * w1 * w2 * v;
+    if (grad) {
+      grad[0] += d0 * w1 * w2 * v;
+      grad[1] += w0 * d1 * w2 * v;
+      grad[2] += w0 * w1 * d2 * v;
+    }
+  });
+  return value;
+}
+
+#ifdef VMJAX_AVX2
+// The positions (m's map) of the 8 voxels w .. w + 7 of the fixed grid's row (d, h).
+inline void AffinePositions8(const float* m, float d, float h, int64_t w, __m256 p[3]) {
+  const __m256 x = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(w)),
+                                 _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int r = 0; r < 3; ++r)
+    p[r] = _mm256_fmadd_ps(_mm256_set1_ps(m[4 * r + 2]), x,
+                           _mm256_set1_ps(m[4 * r] * d + m[4 * r + 1] * h + m[4 * r + 3]));
+}
+
+inline double Total(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  double total = 0.0;
+  for (float x : lanes) total += x;
+  return total;
+}
+#endif
+
+ffi::Error AffineNcc(ffi::Buffer<ffi::F32> fixed, ffi::Buffer<ffi::F32> moving,
+                     ffi::Buffer<ffi::F32> matrix, ffi::ResultBuffer<ffi::F32> loss,
+                     ffi::ResultBuffer<ffi::F32> d_matrix) {
+  auto fd = fixed.dimensions(), md = moving.dimensions();
+  if (fd.size() != 3 || md.size() != 3 || matrix.element_count() != 12)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "vmjax affine ncc: fixed (D, H, W), moving (D', H', W'), matrix (3, 4)");
+  const Shapes s = {1, md[0], md[1], md[2], 1, fd[0] * fd[1] * fd[2], fd[1], fd[2]};
+  const float* f = fixed.typed_data();
+  const float* img = moving.typed_data();
+  const float* m = matrix.typed_data();
+  const int threads = std::max(1, omp_get_max_threads());
+  const int64_t nw = fd[2];
+#ifdef VMJAX_AVX2
+  const bool vector = Gatherable(s);
+#endif
+  // Pass 1: the sums of f, m, f², m², f m (float64 per thread and row, added in a fixed order).
+  std::vector<std::array<double, 5>> part(threads, std::array<double, 5>{});
+  auto one = [&](std::array<double, 5>& p, float d, float h, int64_t w, int64_t k) {
+    const double a = f[k], b = AffineSample(s, img, m, d, h, static_cast<float>(w), nullptr);
+    p[0] += a;
+    p[1] += b;
+    p[2] += a * a;
+    p[3] += b * b;
+    p[4] += a * b;
+  };
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t di = 0; di < fd[0]; ++di)
+    for (int64_t hi = 0; hi < fd[1]; ++hi) {
+      auto& p = part[omp_get_thread_num()];
+      const float d = static_cast<float>(di), h = static_cast<float>(hi);
+      const int64_t row = (di * fd[1] + hi) * nw;
+      int64_t w = 0;
+#ifdef VMJAX_AVX2
+      if (vector) {
+        __m256 sum[5] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; w + 8 <= nw; w += 8) {
+          __m256 pos[3];
+          AffinePositions8(m, d, h, w, pos);
+          const Lanes8 l = Interior8(s, pos[0], pos[1], pos[2]);
+          const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+              _mm256_and_si256(_mm256_set1_epi32(l.inside),
+                               _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
+              _mm256_setzero_si256()));
+          const __m256 a = _mm256_loadu_ps(f + row + w);
+          const __m256 b = _mm256_and_ps(in, LerpRows(Gather8(img, s, l), l.f0, l.f1, l.f2));
+          const __m256 a_in = _mm256_and_ps(in, a);
+          sum[0] = _mm256_add_ps(sum[0], a_in);
+          sum[1] = _mm256_add_ps(sum[1], b);
+          sum[2] = _mm256_fmadd_ps(a_in, a_in, sum[2]);
+          sum[3] = _mm256_fmadd_ps(b, b, sum[3]);
+          sum[4] = _mm256_fmadd_ps(a_in, b, sum[4]);
+          for (int lane = 0; lane < 8; ++lane)
+            if (!(l.inside >> lane & 1)) one(p, d, h, w + lane, row + w + lane);
+        }
+        for (int i = 0; i < 5; ++i) p[i] += Total(sum[i]);
+      }
+#endif
+      for (; w < nw; ++w) one(p, d, h, w, row + w);
+    }
+  std::array<double, 5> sum{};
+  for (const auto& p : part)
+    for (int i = 0; i < 5; ++i) sum[i] += p[i];
+  const double n = static_cast<double>(s.out);
+  const double mean_f = sum[0] / n, mean_m = sum[1] / n;
+  const double s_aa = sum[2] - n * mean_f * mean_f, s_bb = sum[3] - n * mean_m * mean_m,
+               s_ab = sum[4] - n * mean_f * mean_m;
+  const double r = std::sqrt(s_aa * s_bb + 1e-8);
+  loss->typed_data()[0] = static_cast<float>(-s_ab / r);
+  // Pass 2: dL/dm_k = -(a_k / r - s_ab s_aa b_k / r^3) (a, b the centred values), times the
+  // sample's coordinate derivatives and the voxel's (d, h, w, 1): the 3x4 matrix's gradient.
+  const double ca = -1.0 / r, cb = s_ab * s_aa / (r * r * r);
+  std::vector<std::array<double, 12>> grad(threads, std::array<double, 12>{});
+  auto add = [](std::array<double, 12>& acc, double g, const float* dp, double d, double h,
+                double w) {
+    for (int i = 0; i < 3; ++i) {
+      const double gi = g * dp[i];
+      acc[4 * i] += gi * d;
+      acc[4 * i + 1] += gi * h;
+      acc[4 * i + 2] += gi * w;
+      acc[4 * i + 3] += gi;
+    }
+  };
+  auto one_grad = [&](std::array<double, 12>& acc, float d, float h, int64_t w, int64_t k) {
+    float dp[3];
+    const double b = AffineSample(s, img, m, d, h, static_cast<float>(w), dp) - mean_m;
+    add(acc, ca * (f[k] - mean_f) + cb * b, dp, d, h, static_cast<double>(w));
+  };
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t di = 0; di < fd[0]; ++di)
+    for (int64_t hi = 0; hi < fd[1]; ++hi) {
+      auto& acc = grad[omp_get_thread_num()];
+      const float d = static_cast<float>(di), h = static_cast<float>(hi);
+      const int64_t row = (di * fd[1] + hi) * nw;
+      int64_t w = 0;
+#ifdef VMJAX_AVX2
+      if (vector) {
+        // Per row: S_i = sum of g dp_i and W_i = sum of g dp_i w over the vector lanes.
+        __m256 sums[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 wsums[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        const __m256 vca = _mm256_set1_ps(static_cast<float>(ca)),
+                     vcb = _mm256_set1_ps(static_cast<float>(cb)),
+                     vmf = _mm256_set1_ps(static_cast<float>(mean_f)),
+                     vmm = _mm256_set1_ps(static_cast<float>(mean_m));
+        for (; w + 8 <= nw; w += 8) {
+          __m256 pos[3], dv[3];
+          AffinePositions8(m, d, h, w, pos);
+          const Lanes8 l = Interior8(s, pos[0], pos[1], pos[2]);
+          const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+              _mm256_and_si256(_mm256_set1_epi32(l.inside),
+                               _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
+              _mm256_setzero_si256()));
+          const CornerRows corners = Gather8(img, s, l);
+          const __m256 b = _mm256_sub_ps(LerpRows(corners, l.f0, l.f1, l.f2), vmm);
+          LerpRowsGrad(corners, l.f0, l.f1, l.f2, dv);
+          const __m256 g = _mm256_and_ps(in, _mm256_fmadd_ps(
+              vca, _mm256_sub_ps(_mm256_loadu_ps(f + row + w), vmf), _mm256_mul_ps(vcb, b)));
+          const __m256 x = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(w)),
+                                         _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+          for (int i = 0; i < 3; ++i) {
+            const __m256 gd = _mm256_mul_ps(g, dv[i]);
+            sums[i] = _mm256_add_ps(sums[i], gd);
+            wsums[i] = _mm256_fmadd_ps(gd, x, wsums[i]);
+          }
+          for (int lane = 0; lane < 8; ++lane)
+            if (!(l.inside >> lane & 1)) one_grad(acc, d, h, w + lane, row + w + lane);
+        }
+        for (int i = 0; i < 3; ++i) {
+          const double total = Total(sums[i]);
+          acc[4 * i] += total * d;
+          acc[4 * i + 1] += total * h;
+          acc[4 * i + 2] += Total(wsums[i]);
+          acc[4 * i + 3] += total;
+        }
+      }
+#endif
+      for (; w < nw; ++w) one_grad(acc, d, h, w, row + w);
+    }
+  float* out = d_matrix->typed_data();
+  for (int i = 0; i < 12; ++i) {
+    double total = 0.0;
+    for (const auto& acc : grad) total += acc[i];
+    out[i] = static_cast<float>(total);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Sum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
   const float* xp = x.typed_data();
   const int64_t n = static_cast<int64_t>(x.element_count());
@@ -1322,6 +1524,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxComposeAffine, ComposeAffine,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxAffineNcc, AffineNcc,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxSum, Sum,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
