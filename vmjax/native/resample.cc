@@ -1266,13 +1266,21 @@ inline float AffineSample(const Shapes& s, const float* img, const float* m, flo
 }
 
 #ifdef VMJAX_AVX2
-// The positions (m's map) of the 8 voxels w .. w + 7 of the fixed grid's row (d, h).
-inline void AffinePositions8(const float* m, float d, float h, int64_t w, __m256 p[3]) {
-  const __m256 x = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(w)),
-                                 _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+// The 8 voxels w .. w + 7 of the fixed grid's row (d, h) sampled at m's map of them: their W
+// indices (x), the lanes (Interior8) and a mask of the lanes inside (all bits set).
+inline Lanes8 AffineLanes8(const Shapes& s, const float* m, float d, float h, int64_t w,
+                           __m256* x, __m256* mask) {
+  *x = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(w)),
+                     _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 p[3];
   for (int r = 0; r < 3; ++r)
-    p[r] = _mm256_fmadd_ps(_mm256_set1_ps(m[4 * r + 2]), x,
+    p[r] = _mm256_fmadd_ps(_mm256_set1_ps(m[4 * r + 2]), *x,
                            _mm256_set1_ps(m[4 * r] * d + m[4 * r + 1] * h + m[4 * r + 3]));
+  const Lanes8 l = Interior8(s, p[0], p[1], p[2]);
+  *mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+      _mm256_and_si256(_mm256_set1_epi32(l.inside), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
+      _mm256_setzero_si256()));
+  return l;
 }
 
 inline double Total(__m256 v) {
@@ -1283,6 +1291,16 @@ inline double Total(__m256 v) {
   return total;
 }
 #endif
+
+// Calls f(thread, d, h, row) for every row (d, h) of a (D, H, W) grid, rows in parallel (row:
+// its first voxel's flat index).
+template <typename F>
+inline void ForEachGridRow(int64_t nd, int64_t nh, int64_t nw, int threads, F&& f) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t d = 0; d < nd; ++d)
+    for (int64_t h = 0; h < nh; ++h)
+      f(omp_get_thread_num(), static_cast<float>(d), static_cast<float>(h), (d * nh + h) * nw);
+}
 
 ffi::Error AffineNcc(ffi::Buffer<ffi::F32> fixed, ffi::Buffer<ffi::F32> moving,
                      ffi::Buffer<ffi::F32> matrix, ffi::ResultBuffer<ffi::F32> loss,
@@ -1310,41 +1328,32 @@ ffi::Error AffineNcc(ffi::Buffer<ffi::F32> fixed, ffi::Buffer<ffi::F32> moving,
     p[3] += b * b;
     p[4] += a * b;
   };
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t di = 0; di < fd[0]; ++di)
-    for (int64_t hi = 0; hi < fd[1]; ++hi) {
-      auto& p = part[omp_get_thread_num()];
-      const float d = static_cast<float>(di), h = static_cast<float>(hi);
-      const int64_t row = (di * fd[1] + hi) * nw;
-      int64_t w = 0;
+  ForEachGridRow(fd[0], fd[1], nw, threads, [&](int t, float d, float h, int64_t row) {
+    auto& p = part[t];
+    int64_t w = 0;
 #ifdef VMJAX_AVX2
-      if (vector) {
-        __m256 sum[5] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                         _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (; w + 8 <= nw; w += 8) {
-          __m256 pos[3];
-          AffinePositions8(m, d, h, w, pos);
-          const Lanes8 l = Interior8(s, pos[0], pos[1], pos[2]);
-          const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-              _mm256_and_si256(_mm256_set1_epi32(l.inside),
-                               _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
-              _mm256_setzero_si256()));
-          const __m256 a = _mm256_loadu_ps(f + row + w);
-          const __m256 b = _mm256_and_ps(in, LerpRows(Gather8(img, s, l), l.f0, l.f1, l.f2));
-          const __m256 a_in = _mm256_and_ps(in, a);
-          sum[0] = _mm256_add_ps(sum[0], a_in);
-          sum[1] = _mm256_add_ps(sum[1], b);
-          sum[2] = _mm256_fmadd_ps(a_in, a_in, sum[2]);
-          sum[3] = _mm256_fmadd_ps(b, b, sum[3]);
-          sum[4] = _mm256_fmadd_ps(a_in, b, sum[4]);
-          for (int lane = 0; lane < 8; ++lane)
-            if (!(l.inside >> lane & 1)) one(p, d, h, w + lane, row + w + lane);
-        }
-        for (int i = 0; i < 5; ++i) p[i] += Total(sum[i]);
+    if (vector) {
+      __m256 sum[5] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (; w + 8 <= nw; w += 8) {
+        __m256 x, in;
+        const Lanes8 l = AffineLanes8(s, m, d, h, w, &x, &in);
+        const __m256 a = _mm256_loadu_ps(f + row + w);
+        const __m256 b = _mm256_and_ps(in, LerpRows(Gather8(img, s, l), l.f0, l.f1, l.f2));
+        const __m256 a_in = _mm256_and_ps(in, a);
+        sum[0] = _mm256_add_ps(sum[0], a_in);
+        sum[1] = _mm256_add_ps(sum[1], b);
+        sum[2] = _mm256_fmadd_ps(a_in, a_in, sum[2]);
+        sum[3] = _mm256_fmadd_ps(b, b, sum[3]);
+        sum[4] = _mm256_fmadd_ps(a_in, b, sum[4]);
+        for (int lane = 0; lane < 8; ++lane)
+          if (!(l.inside >> lane & 1)) one(p, d, h, w + lane, row + w + lane);
       }
-#endif
-      for (; w < nw; ++w) one(p, d, h, w, row + w);
+      for (int i = 0; i < 5; ++i) p[i] += Total(sum[i]);
     }
+#endif
+    for (; w < nw; ++w) one(p, d, h, w, row + w);
+  });
   std::array<double, 5> sum{};
   for (const auto& p : part)
     for (int i = 0; i < 5; ++i) sum[i] += p[i];
@@ -1373,56 +1382,45 @@ ffi::Error AffineNcc(ffi::Buffer<ffi::F32> fixed, ffi::Buffer<ffi::F32> moving,
     const double b = AffineSample(s, img, m, d, h, static_cast<float>(w), dp) - mean_m;
     add(acc, ca * (f[k] - mean_f) + cb * b, dp, d, h, static_cast<double>(w));
   };
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t di = 0; di < fd[0]; ++di)
-    for (int64_t hi = 0; hi < fd[1]; ++hi) {
-      auto& acc = grad[omp_get_thread_num()];
-      const float d = static_cast<float>(di), h = static_cast<float>(hi);
-      const int64_t row = (di * fd[1] + hi) * nw;
-      int64_t w = 0;
+  ForEachGridRow(fd[0], fd[1], nw, threads, [&](int t, float d, float h, int64_t row) {
+    auto& acc = grad[t];
+    int64_t w = 0;
 #ifdef VMJAX_AVX2
-      if (vector) {
-        // Per row: S_i = sum of g dp_i and W_i = sum of g dp_i w over the vector lanes.
-        __m256 sums[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        __m256 wsums[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        const __m256 vca = _mm256_set1_ps(static_cast<float>(ca)),
-                     vcb = _mm256_set1_ps(static_cast<float>(cb)),
-                     vmf = _mm256_set1_ps(static_cast<float>(mean_f)),
-                     vmm = _mm256_set1_ps(static_cast<float>(mean_m));
-        for (; w + 8 <= nw; w += 8) {
-          __m256 pos[3], dv[3];
-          AffinePositions8(m, d, h, w, pos);
-          const Lanes8 l = Interior8(s, pos[0], pos[1], pos[2]);
-          const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-              _mm256_and_si256(_mm256_set1_epi32(l.inside),
-                               _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
-              _mm256_setzero_si256()));
-          const CornerRows corners = Gather8(img, s, l);
-          const __m256 b = _mm256_sub_ps(LerpRows(corners, l.f0, l.f1, l.f2), vmm);
-          LerpRowsGrad(corners, l.f0, l.f1, l.f2, dv);
-          const __m256 g = _mm256_and_ps(in, _mm256_fmadd_ps(
-              vca, _mm256_sub_ps(_mm256_loadu_ps(f + row + w), vmf), _mm256_mul_ps(vcb, b)));
-          const __m256 x = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(w)),
-                                         _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
-          for (int i = 0; i < 3; ++i) {
-            const __m256 gd = _mm256_mul_ps(g, dv[i]);
-            sums[i] = _mm256_add_ps(sums[i], gd);
-            wsums[i] = _mm256_fmadd_ps(gd, x, wsums[i]);
-          }
-          for (int lane = 0; lane < 8; ++lane)
-            if (!(l.inside >> lane & 1)) one_grad(acc, d, h, w + lane, row + w + lane);
-        }
+    if (vector) {
+      // Per row: S_i = sum of g dp_i and W_i = sum of g dp_i w over the vector lanes.
+      __m256 sums[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256 wsums[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      const __m256 vca = _mm256_set1_ps(static_cast<float>(ca)),
+                   vcb = _mm256_set1_ps(static_cast<float>(cb)),
+                   vmf = _mm256_set1_ps(static_cast<float>(mean_f)),
+                   vmm = _mm256_set1_ps(static_cast<float>(mean_m));
+      for (; w + 8 <= nw; w += 8) {
+        __m256 x, in, dv[3];
+        const Lanes8 l = AffineLanes8(s, m, d, h, w, &x, &in);
+        const CornerRows corners = Gather8(img, s, l);
+        const __m256 b = _mm256_sub_ps(LerpRows(corners, l.f0, l.f1, l.f2), vmm);
+        LerpRowsGrad(corners, l.f0, l.f1, l.f2, dv);
+        const __m256 g = _mm256_and_ps(in, _mm256_fmadd_ps(
+            vca, _mm256_sub_ps(_mm256_loadu_ps(f + row + w), vmf), _mm256_mul_ps(vcb, b)));
         for (int i = 0; i < 3; ++i) {
-          const double total = Total(sums[i]);
-          acc[4 * i] += total * d;
-          acc[4 * i + 1] += total * h;
-          acc[4 * i + 2] += Total(wsums[i]);
-          acc[4 * i + 3] += total;
+          const __m256 gd = _mm256_mul_ps(g, dv[i]);
+          sums[i] = _mm256_add_ps(sums[i], gd);
+          wsums[i] = _mm256_fmadd_ps(gd, x, wsums[i]);
         }
+        for (int lane = 0; lane < 8; ++lane)
+          if (!(l.inside >> lane & 1)) one_grad(acc, d, h, w + lane, row + w + lane);
       }
-#endif
-      for (; w < nw; ++w) one_grad(acc, d, h, w, row + w);
+      for (int i = 0; i < 3; ++i) {
+        const double total = Total(sums[i]);
+        acc[4 * i] += total * d;
+        acc[4 * i + 1] += total * h;
+        acc[4 * i + 2] += Total(wsums[i]);
+        acc[4 * i + 3] += total;
+      }
     }
+#endif
+    for (; w < nw; ++w) one_grad(acc, d, h, w, row + w);
+  });
   float* out = d_matrix->typed_data();
   for (int i = 0; i < 12; ++i) {
     double total = 0.0;
