@@ -3,7 +3,6 @@
 import ctypes
 import resource
 import sys
-import threading
 
 import pytest
 
@@ -37,11 +36,32 @@ def test_a_freed_large_block_is_reused_without_page_faults():
   # Each reuse faults in (nearly) nothing; a fresh mmap would fault in every page (or every
   # huge page: still > 1 % of them).
   assert _faults_of_a_fresh_block(libc) < pages // 100
-  # A thread started afterwards (as XLA's are) shares the heap: its own arena could not keep a
-  # block above 64 MB, and would map it afresh each time.
-  in_thread = []
-  thread = threading.Thread(target=lambda: in_thread.extend(
-      _faults_of_a_fresh_block(libc) for _ in range(2)))
-  thread.start()
-  thread.join()
-  assert in_thread[1] < pages // 100, in_thread
+
+
+_IN_A_THREAD = """
+import ctypes, sys, threading
+sys.path.insert(0, {tests!r})
+from vmjax import host_memory
+import test_host_memory as t
+assert host_memory.keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+faults = []
+thread = threading.Thread(target=lambda: faults.extend(t._faults_of_a_fresh_block(libc)
+                                                       for _ in range(2)))
+thread.start()
+thread.join()
+print(faults[1])
+"""
+
+
+def test_a_thread_started_afterwards_reuses_freed_blocks_too():
+  """A thread started after the settings (as XLA's are, in a command) allocates from the same
+  heap: its own arena could not keep a block above 64 MB and would map it afresh each time.
+  In a fresh interpreter: the settings apply to threads that have no arena yet."""
+  import os
+  import subprocess
+  code = _IN_A_THREAD.format(tests=os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert int(out.stdout.split()[-1]) < (_SIZE // resource.getpagesize()) // 100, out.stdout

@@ -14,9 +14,11 @@ import numpy as np
 
 
 def to_device(x, dtype=None):
-  """``jnp.asarray(x, dtype)`` of host data (numpy arrays, scalars, lists; or a pytree of them):
-  a copy on the default device, dtypes canonicalised as jnp's (float64 -> float32 without
-  x64), no compiled program. A jax array is returned as it is (``dtype`` must then be None)."""
+  """``jnp.asarray(x, dtype)`` of host data (numpy arrays, scalars, lists; or a pytree of them)
+  on the default device, dtypes canonicalised as jnp's (float64 -> float32 without x64), no
+  compiled program. On the CPU the result may share an aligned C-ordered array's memory (no
+  copy, as jnp.asarray's may): leave such a host array unchanged while the result lives. A jax
+  array is returned as it is (``dtype`` must then be None)."""
   def one(leaf):
     if isinstance(leaf, jax.Array):
       if dtype is not None and leaf.dtype != dtype:
