@@ -154,6 +154,20 @@ def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path):
   assert os.listdir(tmp_path) == ["kept.nii.gz"]
 
 
+def test_a_nifti_scan_loads_c_ordered_with_nibabels_values(tmp_path):
+  """NIfTI data is Fortran-ordered as nibabel reads it; a loaded scan is C-ordered float32 with
+  the same values (int16 on disk), so that putting it on the device needs no copy."""
+  rng = np.random.default_rng(8)
+  data = rng.integers(-300, 3000, size=(11, 9, 7)).astype(np.int16)
+  path = str(tmp_path / "scan.nii.gz")
+  nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.2, 1.4, 1.0])), path)
+  assert np.asanyarray(nib.load(path).dataobj).flags.f_contiguous
+  volume = io.load_volume(path)
+  assert volume.image.flags.c_contiguous and volume.image.dtype == np.float32
+  np.testing.assert_array_equal(volume.image, data.astype(np.float32))
+  np.testing.assert_array_equal(io.c_order(np.asfortranarray(data), np.float32), data)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.int32])
 def test_an_image_is_a_run_length_deflated_gzip_of_the_nifti_bytes(tmp_path, dtype):
   """Images and label maps go through zlib's run-length deflate: any gzip reader gets
