@@ -5,6 +5,7 @@ import os
 import pathlib
 import zlib
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -152,6 +153,23 @@ def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path):
     io.save_volume(str(tmp_path / "kept.nii.gz"), np.ones((4, 4, 4), np.complex256), like=volume)
   assert (tmp_path / "kept.nii.gz").read_bytes() == before  # the previous file is intact
   assert os.listdir(tmp_path) == ["kept.nii.gz"]
+
+
+@pytest.mark.parametrize("shape, dtype", [((37, 9, 5, 3), np.float32), ((17, 6, 11), np.int32),
+                                          ((5, 4, 3, 2), np.int32), ((33, 2, 3), np.float32)])
+def test_fortran_order_is_numpys_transposition_bit_for_bit(shape, dtype):
+  """A jax array on the host in NIfTI's (Fortran) order: the native blocked transposition for
+  3-D and 4-D arrays of 4-byte elements (D not a multiple of its 16-layer blocks; int32 bit for
+  bit), numpy's values; and back to C order."""
+  rng = np.random.default_rng(9)
+  array = (rng.normal(size=shape) * 1000).astype(dtype)
+  out = io.fortran_order(jax.device_put(array))
+  assert out.flags.f_contiguous and out.dtype == dtype
+  np.testing.assert_array_equal(out, array)
+  assert "vmjax_reverse_axes" in io._reversed_axes.lower(jax.device_put(array)).as_text()
+  back = io.c_order(out, dtype)
+  assert back.flags.c_contiguous
+  np.testing.assert_array_equal(back, array)
 
 
 def test_a_nifti_scan_loads_c_ordered_with_nibabels_values(tmp_path):

@@ -20,10 +20,12 @@ from typing import Sequence
 import zlib
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
+from vmjax import kernels
 from vmjax.atomic import atomic_path
 from vmjax.checks import DataError
 
@@ -201,7 +203,14 @@ def resolve_sources(spec, seg_replace: Sequence[str] | None = None,
 
 @jax.jit
 def _reversed_axes(x: jax.Array) -> jax.Array:
-  return jnp.transpose(x, tuple(reversed(range(x.ndim))))
+  """``x``'s transpose; a 3-D or 4-D array of 4-byte elements (float32, int32 bit for bit) on
+  the CPU by the native kernel (:func:`vmjax.kernels.reverse_axes`)."""
+  transpose = lambda a: jnp.transpose(a, tuple(reversed(range(a.ndim))))
+  if x.ndim not in (3, 4) or x.dtype.itemsize != 4:
+    return transpose(x)
+  floats = x if x.dtype == jnp.float32 else lax.bitcast_convert_type(x, jnp.float32)
+  out = kernels.on_cpu(kernels.reverse_axes, transpose, floats)
+  return out if x.dtype == jnp.float32 else lax.bitcast_convert_type(out, x.dtype)
 
 
 def c_order(array, dtype) -> np.ndarray:

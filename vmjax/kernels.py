@@ -64,6 +64,7 @@ _TARGETS = {"vmjax_trilinear": "VmjaxTrilinear",
             "vmjax_compose_self_grad": "VmjaxComposeSelfGrad",
             "vmjax_compose_affine": "VmjaxComposeAffine",
             "vmjax_affine_ncc": "VmjaxAffineNcc",
+            "vmjax_reverse_axes": "VmjaxReverseAxes",
             "vmjax_sum": "VmjaxSum"}
 MODES = {"constant": 0, "nearest": 1}
 _FLAGS = ("-O3", "-march=native")  # vectorised for this CPU (its flags are in the cache key)
@@ -231,6 +232,12 @@ def compose_affine(disp: jax.Array, to_grid: jax.Array, onwards: jax.Array, shap
   wrote the coordinates, the samples and the sum apart (256x256x160 from 160x192x160: 300 ms)."""
   matrices = jnp.stack([to_grid[:3], onwards[:3]]).astype(jnp.float32)
   return _call("vmjax_compose_affine", tuple(shape) + (3,), disp, matrices)
+
+
+def reverse_axes(x: jax.Array) -> jax.Array:
+  """The transpose of a float32 ``(D, H, W)`` or ``(D, H, W, C)`` array, cache-blocked; CPU
+  only, not differentiable. XLA:CPU took 84 ms for a 256x256x160x3 field."""
+  return _call("vmjax_reverse_axes", x.shape[::-1], x)
 
 
 @jax.custom_vjp

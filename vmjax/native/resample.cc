@@ -45,6 +45,8 @@
 //     moving one sampled (trilinear, 0 outside) at m's map of each fixed voxel, in two passes
 //     (the sums, then the gradient), float64 sums; vmjax/affine.py's loss without XLA's
 //     coordinates, samples and reductions in memory.
+//   VmjaxReverseAxes(x (D, H, W[, C])) -> its transpose ([C,] W, H, D), cache-blocked: a
+//     volume's or field's data in NIfTI's (Fortran) order and back.
 //   VmjaxSum(x (any shape)) -> the sum of its elements (f64 accumulation, per-thread partial
 //     sums added in a fixed order). XLA:CPU fuses an elementwise map into the reduction that
 //     consumes it and then runs ~20-50x slower than the map and the sum apart (NCC's mean).
@@ -909,7 +911,7 @@ inline void UpRowsT(const float* g, float* out, int64_t o, int64_t n, int64_t st
 // x (B, D, H, W, C) -> y (B, 2D, 2H, 2W, C): each (b, d) plane upsampled along W then H into
 // `planes` (B, D, 2H, 2W, C: a work buffer), then along D into y, in blocks of kBlock floats of
 // a plane (so that both threads share the D pass).
-constexpr int64_t kBlock = 4096;
+constexpr int64_t kBlock = 16;
 
 void Upsample2Loop(const float* x, float* y, float* planes, int64_t nb, int64_t nd, int64_t nh,
                    int64_t nw, int64_t nc) {
@@ -1430,6 +1432,32 @@ ffi::Error AffineNcc(ffi::Buffer<ffi::F32> fixed, ffi::Buffer<ffi::F32> moving,
   return ffi::Error::Success();
 }
 
+ffi::Error ReverseAxes(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  auto dm = x.dimensions();
+  if (dm.size() != 3 && dm.size() != 4)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax reverse axes: (D, H, W[, C])");
+  const int64_t nd = dm[0], nh = dm[1], nw = dm[2], nc = dm.size() == 4 ? dm[3] : 1;
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  // y[c, w, h, d] = x[d, h, w, c]. Per (h, block of 16 d): the block's 16 rows of x (W C floats
+  // each, in cache) give each (c, w) a run of 16 consecutive floats of y: whole cache lines
+  // written, rows read once.
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (nd + kBlock - 1) / kBlock;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t d0 = blk * kBlock, d1 = std::min(nd, d0 + kBlock);
+      for (int64_t w = 0; w < nw; ++w)
+        for (int64_t c = 0; c < nc; ++c) {
+          float* o = out + ((c * nw + w) * nh + h) * nd;
+          const float* i = in + (h * nw + w) * nc + c;
+          for (int64_t d = d0; d < d1; ++d) o[d] = i[d * nh * nw * nc];
+        }
+    }
+  return ffi::Error::Success();
+}
+
 ffi::Error Sum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
   const float* xp = x.typed_data();
   const int64_t n = static_cast<int64_t>(x.element_count());
@@ -1530,5 +1558,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxAffineNcc, AffineNcc,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxReverseAxes, ReverseAxes,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxSum, Sum,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
