@@ -19,9 +19,6 @@ import struct
 from typing import Sequence
 import zlib
 
-import jax
-from jax import lax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
@@ -201,36 +198,27 @@ def resolve_sources(spec, seg_replace: Sequence[str] | None = None,
   return [(p, _seg_path_for(p, seg_replace)) for p in paths]
 
 
-@jax.jit
-def _reversed_axes(x: jax.Array) -> jax.Array:
-  """``x``'s transpose; a 3-D or 4-D array of 4-byte elements (float32, int32 bit for bit) on
-  the CPU by the native kernel (:func:`vmjax.kernels.reverse_axes`)."""
-  transpose = lambda a: jnp.transpose(a, tuple(reversed(range(a.ndim))))
-  if x.ndim not in (3, 4) or x.dtype.itemsize != 4:
-    return transpose(x)
-  floats = x if x.dtype == jnp.float32 else lax.bitcast_convert_type(x, jnp.float32)
-  out = kernels.on_cpu(kernels.reverse_axes, transpose, floats)
-  return out if x.dtype == jnp.float32 else lax.bitcast_convert_type(out, x.dtype)
-
-
 def c_order(array, dtype) -> np.ndarray:
   """``array`` as a C-ordered numpy array of ``dtype``. A Fortran-ordered one (a NIfTI's data as
-  nibabel reads it) has its axes reversed by XLA (its transpose is C-ordered: handed over
-  without a copy): a 256x256x160 scan in ~10 ms where numpy's copy took 63 ms, and every later
-  copy onto the device is free, where each ``jax.device_put`` of the Fortran-ordered scan took
-  32 ms (2-core AMD EPYC Zen 4, 2026-12-06). Read-only where XLA made it."""
+  nibabel reads it) is transposed by the native kernel (its transpose is C-ordered:
+  :func:`vmjax.kernels.reverse_axes_on_host`): a 256x256x160 scan in ~7 ms where numpy's copy
+  took 63 ms, and every later copy onto the device is free, where each ``jax.device_put`` of the
+  Fortran-ordered scan took 23-32 ms (2-core AMD EPYC Zen 4, 2026-12-06)."""
   array = np.asarray(array, dtype)
   if array.ndim < 2 or array.flags.c_contiguous or not array.flags.f_contiguous:
     return np.ascontiguousarray(array)
-  return np.asarray(_reversed_axes(jax.device_put(array.T)))
+  out = kernels.reverse_axes_on_host(array.T)
+  return np.ascontiguousarray(array) if out is None else out
 
 
 def fortran_order(array) -> np.ndarray:
   """``array`` (jax or numpy) on the host as a Fortran-ordered numpy array of the same shape,
-  NIfTI's data order, its axes reversed by XLA: nibabel then writes it with one copy instead
-  of a strided transposition (a 256x256x160x3 field: 0.07 + 0.15 s against 0.39 s; 2-core AMD
-  EPYC Zen 4, 2026-12-06)."""
-  return np.asarray(_reversed_axes(jnp.asarray(array))).T
+  NIfTI's data order, transposed by the native kernel (numpy's where it cannot): nibabel then
+  writes it with one copy instead of a strided transposition (a 256x256x160x3 field: 0.02 +
+  0.15 s against 0.39 s; 2-core AMD EPYC Zen 4, 2026-12-06)."""
+  array = np.ascontiguousarray(np.asarray(array))
+  out = kernels.reverse_axes_on_host(array)
+  return np.asfortranarray(array) if out is None else out.T
 
 
 def save_nifti(img: nib.Nifti1Image, path: str) -> None:

@@ -45,8 +45,10 @@
 //     moving one sampled (trilinear, 0 outside) at m's map of each fixed voxel, in two passes
 //     (the sums, then the gradient), float64 sums; vmjax/affine.py's loss without XLA's
 //     coordinates, samples and reductions in memory.
-//   VmjaxReverseAxes(x (D, H, W[, C])) -> its transpose ([C,] W, H, D), cache-blocked: a
-//     volume's or field's data in NIfTI's (Fortran) order and back.
+//   VmjaxReverseAxesHost(in, out, D, H, W, C): a plain C function (ctypes, on host arrays; no
+//     XLA program) writing the transpose (C, W, H, D) of a C-ordered (D, H, W, C) array of
+//     4-byte elements, cache-blocked: a volume's or field's data in NIfTI's (Fortran) order
+//     and back.
 //   VmjaxSum(x (any shape)) -> the sum of its elements (f64 accumulation, per-thread partial
 //     sums added in a fixed order). XLA:CPU fuses an elementwise map into the reduction that
 //     consumes it and then runs ~20-50x slower than the map and the sum apart (NCC's mean).
@@ -1432,16 +1434,11 @@ ffi::Error AffineNcc(ffi::Buffer<ffi::F32> fixed, ffi::Buffer<ffi::F32> moving,
   return ffi::Error::Success();
 }
 
-ffi::Error ReverseAxes(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
-  auto dm = x.dimensions();
-  if (dm.size() != 3 && dm.size() != 4)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "vmjax reverse axes: (D, H, W[, C])");
-  const int64_t nd = dm[0], nh = dm[1], nw = dm[2], nc = dm.size() == 4 ? dm[3] : 1;
-  const float* in = x.typed_data();
-  float* out = y->typed_data();
-  // y[c, w, h, d] = x[d, h, w, c]. Per (h, block of 16 d): the block's 16 rows of x (W C floats
-  // each, in cache) give each (c, w) a run of 16 consecutive floats of y: whole cache lines
-  // written, rows read once.
+// out[c, w, h, d] = in[d, h, w, c] for 4-byte elements (float32 or int32 alike).
+void ReverseAxesLoop(const float* in, float* out, int64_t nd, int64_t nh, int64_t nw,
+                     int64_t nc) {
+  // Per (h, block of 16 d): the block's 16 rows of `in` (W C floats each, in cache) give each
+  // (c, w) a run of 16 consecutive floats of `out`: whole cache lines written, rows read once.
   constexpr int64_t kBlock = 16;
   const int64_t blocks = (nd + kBlock - 1) / kBlock;
 #pragma omp parallel for collapse(2) schedule(static)
@@ -1455,7 +1452,6 @@ ffi::Error ReverseAxes(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
           for (int64_t d = d0; d < d1; ++d) o[d] = i[d * nh * nw * nc];
         }
     }
-  return ffi::Error::Success();
 }
 
 ffi::Error Sum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
@@ -1480,6 +1476,11 @@ ffi::Error Sum(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
 }
 
 }  // namespace
+
+extern "C" void VmjaxReverseAxesHost(const float* in, float* out, int64_t nd, int64_t nh,
+                                     int64_t nw, int64_t nc) {
+  ReverseAxesLoop(in, out, nd, nh, nw, nc);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxTrilinear, Trilinear,
                               ffi::Ffi::Bind()
@@ -1558,7 +1559,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxAffineNcc, AffineNcc,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxReverseAxes, ReverseAxes,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VmjaxSum, Sum,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
