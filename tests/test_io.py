@@ -187,19 +187,6 @@ def test_a_nifti_scan_loads_c_ordered_with_nibabels_values(tmp_path):
   np.testing.assert_array_equal(io.c_order(np.asfortranarray(data), np.float32), data)
 
 
-def test_a_field_survives_writes_that_stop_part_way(tmp_path, monkeypatch):
-  """The stored blocks go out in writev calls; a call that writes only part of them (allowed
-  by POSIX) is continued where it stopped."""
-  real = os.writev
-  monkeypatch.setattr(os, "writev", lambda fd, buffers: real(
-      fd, [bytes(b"".join(bytes(b) for b in buffers)[:70001])]))
-  field = np.random.default_rng(4).normal(size=(30, 31, 32, 3)).astype(np.float32)
-  path = str(tmp_path / "warp.nii.gz")
-  io.save_volume(path, field)
-  assert zlib.decompress(pathlib.Path(path).read_bytes(), wbits=31) == nib.Nifti1Image(
-      field, np.eye(4)).to_bytes()
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.int32])
 def test_an_image_is_a_run_length_deflated_gzip_of_the_nifti_bytes(tmp_path, dtype):
   """Images and label maps go through zlib's run-length deflate: any gzip reader gets
