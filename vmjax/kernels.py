@@ -257,7 +257,7 @@ def reverse_axes_on_host(array: np.ndarray) -> np.ndarray | None:
       or not array.flags.c_contiguous):
     return None
   # 64-byte aligned (numpy's own allocations are 16-byte aligned): jax.device_put then takes
-  # the result without a copy (7 ms of a 256x256x160 scan otherwise).
+  # the result without a copy (a 256x256x160 scan 16 bytes off: a 40 ms copy).
   size = array.size * array.itemsize
   raw = np.empty(size + 64, np.uint8)
   start = -raw.ctypes.data % 64

@@ -65,7 +65,7 @@ def load(name: str = DEFAULT):
   config = ml_collections.ConfigDict(card(name)["config"])
   model = networks.model_from_config(config.model)
   # The parameters' own nested dict: no template from the model's init (tracing it cost 0.35 s
-  # of each command); a mismatch with the model is flax's shape error at the first apply.
+  # of each command); a mismatch with the model is one error at the first apply (networks._param).
   with open(_path(name, ".msgpack"), "rb") as f:
     params = serialization.msgpack_restore(f.read())
   return model, {"params": transfer.to_device(params)}, config

@@ -290,9 +290,10 @@ def _downsample2(x: jax.Array) -> jax.Array:
   """:func:`_resize_linear` to half of even spatial sizes, written out: ``jax.image.resize``'s
   antialiased linear kernel at scale 1/2 weighs input voxels ``2i - 1 .. 2i + 2`` by
   ``(1, 3, 3, 1) / 8``, and ``(3, 3, 1) / 7`` (mirrored at the far end) where a tap falls off the
-  edge (each output over the weights of its taps inside). The same values (up to rounding) from a few elementwise ops instead of a dense weight
-  matrix per axis, whose construction took 0.07 s of tracing every program that halves a field
-  (the network's velocity; 2-core AMD EPYC Zen 4, 2026-12-06)."""
+  edge (each output over the weights of its taps inside). The same values (up to rounding) from
+  a few elementwise ops instead of a dense weight matrix per axis, whose construction took
+  0.07 s of tracing every program that halves a field (the network's velocity; 2-core AMD EPYC
+  Zen 4, 2026-12-06)."""
   for axis in (1, 2, 3):
     n = x.shape[axis]
     pads = [(0, 0)] * x.ndim
@@ -305,7 +306,8 @@ def _downsample2(x: jax.Array) -> jax.Array:
     out = (take(a, 0) + 3.0 * take(a, 1) + 3.0 * take(b, 0) + take(b, 1)) / 8.0
     taps = np.arange(n // 2)[:, None] * 2 + np.arange(-1, 3)  # the taps inside count
     edge = 8.0 / (((taps >= 0) & (taps < n)) * np.array([1.0, 3.0, 3.0, 1.0])).sum(axis=1)
-    x = out * edge.astype(np.float32).reshape((n // 2,) + (1,) * (x.ndim - axis - 1)).astype(out.dtype)
+    edge = edge.astype(np.float32).reshape((n // 2,) + (1,) * (x.ndim - axis - 1))
+    x = out * edge.astype(out.dtype)
   return x
 
 
