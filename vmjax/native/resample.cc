@@ -913,7 +913,7 @@ inline void UpRowsT(const float* g, float* out, int64_t o, int64_t n, int64_t st
 // x (B, D, H, W, C) -> y (B, 2D, 2H, 2W, C): each (b, d) plane upsampled along W then H into
 // `planes` (B, D, 2H, 2W, C: a work buffer), then along D into y, in blocks of kBlock floats of
 // a plane (so that both threads share the D pass).
-constexpr int64_t kBlock = 16;
+constexpr int64_t kBlock = 4096;
 
 void Upsample2Loop(const float* x, float* y, float* planes, int64_t nb, int64_t nd, int64_t nh,
                    int64_t nw, int64_t nc) {
@@ -1439,12 +1439,12 @@ void ReverseAxesLoop(const float* in, float* out, int64_t nd, int64_t nh, int64_
                      int64_t nc) {
   // Per (h, block of 16 d): the block's 16 rows of `in` (W C floats each, in cache) give each
   // (c, w) a run of 16 consecutive floats of `out`: whole cache lines written, rows read once.
-  constexpr int64_t kBlock = 16;
-  const int64_t blocks = (nd + kBlock - 1) / kBlock;
+  constexpr int64_t kLayers = 16;
+  const int64_t blocks = (nd + kLayers - 1) / kLayers;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t h = 0; h < nh; ++h)
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t d0 = blk * kBlock, d1 = std::min(nd, d0 + kBlock);
+      const int64_t d0 = blk * kLayers, d1 = std::min(nd, d0 + kLayers);
       for (int64_t w = 0; w < nw; ++w)
         for (int64_t c = 0; c < nc; ++c) {
           float* o = out + ((c * nw + w) * nh + h) * nd;
