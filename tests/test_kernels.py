@@ -277,9 +277,10 @@ def test_compose_self_gradient_scatters_in_slabs_as_compose(amplitude):
                                                        ((7, 9, 21), (10, 12, 9)),
                                                        ((6, 5, 11), (1, 8, 9))])
 def test_affine_ncc_matches_the_xla_loss_and_its_gradient(fixed_shape, moving_shape):
-  """The affine step's loss in two native passes against XLA's resampling and NCC: value and
-  gradient with respect to the matrix, samples outside the moving image (0 there), rows longer
-  and shorter than the 8-voxel vectors, and a moving image of one slice (the scalar path)."""
+  """The affine step's loss in two native passes against the loss as other platforms compute it
+  (the resampling's trilinear samples, NCC in XLA, the gradient by autodiff): value and gradient
+  with respect to the matrix, samples outside the moving image (0 there), rows longer and
+  shorter than the 8-voxel vectors, and a moving image of one slice (the scalar path)."""
   from scipy import ndimage
   from vmjax import affine
   rng = np.random.default_rng(31)
