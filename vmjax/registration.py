@@ -94,6 +94,16 @@ def _field_loss(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Arra
   return losses.field_loss(fields, moving, fixed, loss_cfg)[0]
 
 
+def _per_pair(loss: Callable, *batched):
+  """``loss`` (a scalar of batch-1 arguments) of each item of ``batched`` (pytrees whose leaves
+  lead with the batch axis), ``(B,)``: the call itself for one item, else vmapped with each
+  item given its batch axis back."""
+  if jax.tree_util.tree_leaves(batched)[0].shape[0] == 1:
+    return loss(*batched)[None]
+  one = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)
+  return jax.vmap(lambda *items: loss(*map(one, items)))(*batched)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _fields_and_losses(model: VxmDense, loss_cfg, inverse: bool, velocity: jax.Array,
                        moving: jax.Array, fixed: jax.Array):
@@ -101,12 +111,8 @@ def _fields_and_losses(model: VxmDense, loss_cfg, inverse: bool, velocity: jax.A
   :func:`_pair_field_losses` at it in one program, sharing its integration and resizing."""
   fields = model.fields_from_velocity(velocity, moving.shape[1:4],
                                       bidir=inverse or loss_cfg.bidir)
-  loss = lambda f, m, x: losses.field_loss(f, m, x, loss_cfg)[0]
-  if velocity.shape[0] == 1:
-    per_pair = loss(fields, moving, fixed)[None]
-  else:
-    per_pair = jax.vmap(lambda f, m, x: loss(jax.tree_util.tree_map(lambda a: a[None], f),
-                                             m[None], x[None]))(fields, moving, fixed)
+  per_pair = _per_pair(lambda f, m, x: losses.field_loss(f, m, x, loss_cfg)[0],
+                       fields, moving, fixed)
   if not inverse:
     fields = {k: v for k, v in fields.items() if k != "inverse"}
   return fields, per_pair
@@ -116,10 +122,7 @@ def _fields_and_losses(model: VxmDense, loss_cfg, inverse: bool, velocity: jax.A
 def _pair_field_losses(model: VxmDense, loss_cfg, velocity: jax.Array, moving: jax.Array,
                        fixed: jax.Array):
   """:func:`_field_loss` of each pair of a batch, ``(B,)``."""
-  if velocity.shape[0] == 1:
-    return _field_loss(model, loss_cfg, velocity, moving, fixed)[None]
-  return jax.vmap(lambda v, m, f: _field_loss(model, loss_cfg, v[None], m[None], f[None]))(
-      velocity, moving, fixed)
+  return _per_pair(functools.partial(_field_loss, model, loss_cfg), velocity, moving, fixed)
 
 
 # Convergence is judged over this many steps (InstanceOptimisation.tol).
