@@ -21,6 +21,8 @@ import time
 
 import jax
 
+from vmjax.native import build
+
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
@@ -120,7 +122,7 @@ def sync(tree):
 
 
 def cache_dir() -> str:
-  return os.path.join(os.environ.get("VMJAX_CACHE", os.path.expanduser("~/.cache/vmjax")), "jax")
+  return os.path.join(build.cache_root(), "jax")
 
 
 def enable_compilation_cache(path: str | None = None) -> str:

@@ -129,6 +129,12 @@ def cache_key(source_text: bytes, *, compiler: str, flags: tuple[str, ...],
   return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
+def cache_root() -> str:
+  """The root of vmjax's caches: ``$VMJAX_CACHE``, default ``~/.cache/vmjax`` (the native
+  kernels in ``native/``, JAX's compiled programs in ``jax/``: :func:`vmjax.stages.cache_dir`)."""
+  return os.environ.get("VMJAX_CACHE", os.path.expanduser("~/.cache/vmjax"))
+
+
 def build_library(source: str, link_onednn: bool = True, extra_flags: tuple = ()) -> str:
   """Compiles ``source`` once per :func:`cache_key` and returns the shared library's path
   (under ``$VMJAX_CACHE/native``). ``link_onednn=False``: a kernel that needs only XLA's FFI
@@ -144,8 +150,7 @@ def build_library(source: str, link_onednn: bool = True, extra_flags: tuple = ()
   key = cache_key(text, compiler=compiler_version(cxx), flags=tuple(extra_flags),
                   onednn=(libdir, dnnl_version(include)) if link_onednn else None,
                   cpu=cpu_flags())
-  cache = os.path.join(os.environ.get("VMJAX_CACHE", os.path.expanduser("~/.cache/vmjax")),
-                       "native")
+  cache = os.path.join(cache_root(), "native")
   os.makedirs(cache, exist_ok=True)
   stem = os.path.splitext(os.path.basename(source))[0]
   library = os.path.join(cache, f"libvmjax_{stem}_{key}.so")
