@@ -1191,6 +1191,13 @@ inline bool ClampedInside(const Shapes& s, float p0, float p1, float p2, Interio
   return true;
 }
 
+// y = m (x0, x1, x2, 1) for a 3x4 matrix m (row-major), summed as vmjax.transforms.apply_affine
+// sums it.
+inline void AffineMap(const float* m, float x0, float x1, float x2, float y[3]) {
+  for (int r = 0; r < 3; ++r)
+    y[r] = m[4 * r] * x0 + m[4 * r + 1] * x1 + m[4 * r + 2] * x2 + m[4 * r + 3];
+}
+
 ffi::Error ComposeAffine(ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> matrices,
                          ffi::ResultBuffer<ffi::F32> out) {
   auto dd = disp.dimensions(), od = out->dimensions();
@@ -1202,17 +1209,13 @@ ffi::Error ComposeAffine(ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> matri
   const float* u = disp.typed_data();
   const float* m = matrices.typed_data();  // m[0..11]: to disp's grid; m[12..23]: onwards
   float* o = out->typed_data();
-  // m's row r times (x0, x1, x2, 1), as vmjax.transforms.apply_affine sums it.
-  auto row = [](const float* r, float x0, float x1, float x2) {
-    return r[0] * x0 + r[1] * x1 + r[2] * x2 + r[3];
-  };
   ForEachRow(s, [&](int64_t, int64_t x0) {
     const float d = static_cast<float>(x0 / (s.oh * s.ow)),
                 h = static_cast<float>((x0 / s.ow) % s.oh);
     for (int64_t w = 0; w < s.ow; ++w) {
       const float x[3] = {d, h, static_cast<float>(w)};
       float t[3];
-      for (int r = 0; r < 3; ++r) t[r] = row(m + 4 * r, x[0], x[1], x[2]);
+      AffineMap(m, x[0], x[1], x[2], t);
       float v[3] = {0.0f, 0.0f, 0.0f};
       Interior in;
       if (ClampedInside(s, t[0], t[1], t[2], &in)) {
@@ -1231,9 +1234,10 @@ ffi::Error ComposeAffine(ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> matri
           for (int k = 0; k < 3; ++k) v[k] += wt * u[offset + k];
         });
       }
+      float y[3];
+      AffineMap(m + 12, t[0] + v[0], t[1] + v[1], t[2] + v[2], y);
       float* ov = o + (x0 + w) * 3;
-      for (int r = 0; r < 3; ++r)
-        ov[r] = row(m + 12 + 4 * r, t[0] + v[0], t[1] + v[1], t[2] + v[2]) - x[r];
+      for (int r = 0; r < 3; ++r) ov[r] = y[r] - x[r];
     }
   });
   return ffi::Error::Success();
@@ -1244,8 +1248,7 @@ ffi::Error ComposeAffine(ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> matri
 inline float AffineSample(const Shapes& s, const float* img, const float* m, float d, float h,
                           float w, float* grad) {
   float p[3];
-  for (int r = 0; r < 3; ++r)
-    p[r] = m[4 * r] * d + m[4 * r + 1] * h + m[4 * r + 2] * w + m[4 * r + 3];
+  AffineMap(m, d, h, w, p);
   Interior in;
   if (Inside(s, p[0], p[1], p[2], &in)) {
     if (grad) {
