@@ -184,6 +184,18 @@ struct Interior {
   int64_t sd, sh, sw;  // strides in floats along D, H, W
 };
 
+// Fills `in` for the sample whose lower corner is (l0, l1, l2) and fractional parts f0, f1, f2.
+inline void SetInterior(const Shapes& s, int64_t l0, int64_t l1, int64_t l2, float f0, float f1,
+                        float f2, Interior* in) {
+  in->offset = ((l0 * s.hi + l1) * s.wi + l2) * s.c;
+  in->f0 = f0;
+  in->f1 = f1;
+  in->f2 = f2;
+  in->sw = s.c;
+  in->sh = s.wi * s.c;
+  in->sd = s.hi * s.wi * s.c;
+}
+
 // Whether p's corners are all inside; if so, fills `in`. NaN fails the comparisons.
 inline bool Inside(const Shapes& s, float p0, float p1, float p2, Interior* in) {
   if (!(p0 >= 0.0f && p0 < static_cast<float>(s.di - 1) && p1 >= 0.0f &&
@@ -191,13 +203,8 @@ inline bool Inside(const Shapes& s, float p0, float p1, float p2, Interior* in) 
     return false;
   const int64_t l0 = static_cast<int64_t>(p0), l1 = static_cast<int64_t>(p1),
                 l2 = static_cast<int64_t>(p2);  // floor: p >= 0
-  in->offset = ((l0 * s.hi + l1) * s.wi + l2) * s.c;
-  in->f0 = p0 - static_cast<float>(l0);
-  in->f1 = p1 - static_cast<float>(l1);
-  in->f2 = p2 - static_cast<float>(l2);
-  in->sw = s.c;
-  in->sh = s.wi * s.c;
-  in->sd = s.hi * s.wi * s.c;
+  SetInterior(s, l0, l1, l2, p0 - static_cast<float>(l0), p1 - static_cast<float>(l1),
+              p2 - static_cast<float>(l2), in);
   return true;
 }
 
@@ -1181,13 +1188,7 @@ inline bool ClampedInside(const Shapes& s, float p0, float p1, float p2, Interio
     l[k] = std::min(static_cast<int64_t>(q), n[k] - 2);
     f[k] = q - static_cast<float>(l[k]);
   }
-  in->offset = ((l[0] * s.hi + l[1]) * s.wi + l[2]) * s.c;
-  in->f0 = f[0];
-  in->f1 = f[1];
-  in->f2 = f[2];
-  in->sw = s.c;
-  in->sh = s.wi * s.c;
-  in->sd = s.hi * s.wi * s.c;
+  SetInterior(s, l[0], l[1], l[2], f[0], f[1], f[2], in);
   return true;
 }
 
